@@ -1,0 +1,79 @@
+"""Every collective OMoE issues, and nothing else. Math lives in projector.py.
+
+All ops go through deepspeed.comm, so DeepSpeed's comms logger (config section "comms_logger")
+records them under the log names below; bench/step_overhead.py reads its byte counts from there.
+"""
+from __future__ import annotations
+
+import torch
+import deepspeed.comm as dist
+from deepspeed.utils import groups
+
+ROUTING_COUNTS_LOG = "omoe_routing_counts"
+WINDOW_REDUCE_LOG = "omoe_window_allreduce"
+FACTOR_GATHER_LOG = "omoe_factor_allgather"
+O_STEP_LOGS = (WINDOW_REDUCE_LOG, FACTOR_GATHER_LOG)
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group=group)
+
+
+def ep_group(ep_size: int):
+    return groups._get_expert_parallel_group(f"ep_size_{ep_size}")
+
+
+def edp_group(ep_size: int):
+    return groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+
+
+def ep_rank(ep_size: int) -> int:
+    """This rank's position in its EP group; it owns experts ep_rank·E_local … (ep_rank+1)·E_local − 1."""
+    return dist.get_rank(group=ep_group(ep_size)) if ep_size > 1 else 0
+
+
+def routed_counts_to_local_experts(sent_counts: torch.Tensor, ep_size: int) -> torch.Tensor:
+    """Per source rank, how many tokens it routed to each of my local experts.
+
+    sent_counts[e] is what this rank sends to global expert e; the result is [ep_size, E_local]
+    because the MoE all-to-all delivers rank g's block for my experts at index g.
+    """
+    counts = sent_counts.to(torch.int64).reshape(ep_size, -1).contiguous()
+    if ep_size == 1:
+        return counts
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=ep_group(ep_size), log_name=ROUTING_COUNTS_LOG)
+    return received
+
+
+def sum_over_expert_replicas_(flat: torch.Tensor, ep_size: int) -> torch.Tensor:
+    """Sum window input sums and token counts over the expert-data-parallel group, so every replica
+    of an expert derives the same mean input and therefore the same projector."""
+    group = edp_group(ep_size)
+    if _group_size(group) > 1:
+        dist.all_reduce(flat, group=group, log_name=WINDOW_REDUCE_LOG)
+    return flat
+
+
+def gather_over_ep(local_rows: torch.Tensor, ep_size: int, log_name: str = "omoe_gather_over_ep") -> torch.Tensor:
+    """All-gather per-local-expert rows [E_local, N] over the EP group into [M, N], global-expert order."""
+    if ep_size == 1:
+        return local_rows
+    gathered = local_rows.new_empty((ep_size * local_rows.shape[0], local_rows.shape[1]))
+    dist.all_gather_into_tensor(gathered, local_rows.contiguous(), group=ep_group(ep_size), log_name=log_name)
+    return gathered
+
+
+def gather_factors(local_factors: torch.Tensor, ep_size: int) -> torch.Tensor:
+    """The O-step exchange: every expert's rank-1 factor, never the dense projectors."""
+    return gather_over_ep(local_factors, ep_size, log_name=FACTOR_GATHER_LOG)
+
+
+def sum_over_world_(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor, log_name="omoe_metric_allreduce")
+    return tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,83 @@
+"""O-step gradient hooks: each expert Linear's [G_W | g_b] is right-multiplied by P̄_m.
+
+The hooks are tensor hooks on the weight and the bias, so they run before DeepSpeed accumulates,
+reduces or partitions anything (ZeRO 0/1/2 alike). The projection couples the two: the weight's new
+gradient needs g_b, the bias's needs G_W·c. Each leaf hook sees only its own gradient, so a hook on
+the Linear's output gradient δ supplies the side terms: g_b = Σδ and G_W·c = δᵀ(X·c), both O(tokens·d).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import projector
+
+
+class ExpertGradProjector:
+    """Projection hooks on one expert Linear; `pbar()` returns the current P̄_m (fp32, n×n)."""
+
+    def __init__(self, linear: nn.Linear, pbar: Callable[[], torch.Tensor], pbar_bias_column: Callable[[], torch.Tensor],
+                 pbar_bias_corner: Callable[[], torch.Tensor], is_active: Callable[[], bool], timer: list):
+        self.linear = linear
+        self.has_bias = linear.bias is not None
+        self._pbar, self._pbar_bias_column, self._pbar_bias_corner = pbar, pbar_bias_column, pbar_bias_corner
+        self._is_active = is_active
+        self._timer = timer  # [seconds] shared with the owner
+        self._bias_grad_sum: Optional[torch.Tensor] = None     # Σδ, for the weight hook
+        self._weight_grad_dot_c: Optional[torch.Tensor] = None  # δᵀ(X c), for the bias hook
+        self._handles = [linear.weight.register_hook(self._project_weight)]
+        if self.has_bias:
+            self._handles += [linear.bias.register_hook(self._project_bias),
+                              linear.register_forward_hook(self._watch_output)]
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _watch_output(self, linear, inputs, output) -> None:
+        if self._is_active() and torch.is_grad_enabled() and output.requires_grad:
+            x = inputs[0].detach()
+            output.register_hook(lambda delta: self._collect_side_terms(x, delta))
+
+    def _collect_side_terms(self, x: torch.Tensor, delta: torch.Tensor) -> None:
+        start = time.perf_counter()
+        delta_td = delta.reshape(-1, delta.shape[-1]).float()
+        x_c = x.reshape(-1, x.shape[-1]).float() @ self._pbar_bias_column()
+        # A Linear called several times per backward (shared layers) gets one leaf gradient: sum the calls.
+        self._bias_grad_sum = _accumulate(self._bias_grad_sum, delta_td.sum(0))
+        self._weight_grad_dot_c = _accumulate(self._weight_grad_dot_c, delta_td.T @ x_c)
+        self._timer[0] += time.perf_counter() - start
+
+    def _project_weight(self, grad_w: torch.Tensor):
+        if not self._is_active():
+            return None
+        start = time.perf_counter()
+        bias_grad_sum = None
+        if self.has_bias:
+            bias_grad_sum = self._take("_bias_grad_sum")
+        out = projector.project_weight_grad(grad_w, bias_grad_sum, self._pbar())
+        self._timer[0] += time.perf_counter() - start
+        return out
+
+    def _project_bias(self, grad_b: torch.Tensor):
+        if not self._is_active():
+            return None
+        start = time.perf_counter()
+        out = projector.project_bias_grad(grad_b, self._take("_weight_grad_dot_c"), self._pbar_bias_corner())
+        self._timer[0] += time.perf_counter() - start
+        return out
+
+    def _take(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError("OMoE O step: an expert Linear's gradient arrived without the forward that makes it "
+                               "being seen in this O step; run forward and backward through the engine in the same step")
+        setattr(self, name, None)
+        return value
+
+
+def _accumulate(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term

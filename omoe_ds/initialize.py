@@ -1,0 +1,78 @@
+"""`omoe_ds.initialize`: deepspeed.initialize plus OMoE, with every check done before the engine exists."""
+from __future__ import annotations
+
+import copy
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+from . import collectives
+from .config import OMoEConfig, OMoEConfigError, resolve_ds_config, zero_stage
+from .moe_layers import check_ep_sizes, find_moe_layers
+from .orthogonal_optimizer import OMoE
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
+               mpu=None, dist_init_required=None, collate_fn=None, config=None, config_params=None, **kwargs):
+    """Same arguments and 4-tuple as `deepspeed.initialize`; the engine's backward()/step() then run
+    OMoE as configured by the config's "omoe" section. The OMoE state is `engine.omoe` (None when
+    the section says "enabled": false, which gives the plain base-optimizer run on the same engine).
+    """
+    if model is None:
+        raise OMoEConfigError("omoe_ds.initialize needs model=")
+    ds_config = resolve_ds_config(args, config, config_params)
+    omoe_config = OMoEConfig.from_ds_config(ds_config)
+    stage = zero_stage(ds_config)
+    if stage >= 3:
+        raise OMoEConfigError(f"zero_optimization.stage={stage}: DeepSpeed's native MoE layer does not support "
+                              "ZeRO-3; use stage 0, 1 or 2 (ds_configs/omoe_zero2.json)")
+    layers = find_moe_layers(model)
+    if omoe_config.enabled and not layers:
+        raise OMoEConfigError(f"{type(model).__name__} has no deepspeed.moe.layer.MoE layer for OMoE to act on; "
+                              "add MoE layers or set \"omoe\": {\"enabled\": false}")
+    deepspeed.init_distributed(dist_init_required=dist_init_required)
+    check_ep_sizes(layers, collectives.world_size())
+
+    if model_parameters is None:
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(optimizer, torch.optim.Optimizer):
+        _split_moe_param_groups_(optimizer)
+    elif callable(optimizer):
+        make_optimizer = optimizer
+        optimizer = lambda params: make_optimizer(_moe_param_groups(params))  # noqa: E731
+
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)  # the config travels as a dict so it is read once
+        args.deepspeed_config = None
+    engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
+        config=ds_config, **kwargs)
+    engine.omoe = OMoE(engine, layers, omoe_config) if omoe_config.enabled else None
+    return engine, engine_optimizer, loader, scheduler
+
+
+def _moe_param_groups(params):
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{"name": f"group{i}", **g} for i, g in enumerate(params)]
+    else:
+        groups = [{"name": "dense-params", "params": params}]
+    if any(g.get("moe") for g in groups):
+        return groups
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+
+
+def _split_moe_param_groups_(optimizer: torch.optim.Optimizer) -> None:
+    """ZeRO and the O-step dense freeze need expert params in their own `moe` groups; a client
+    optimizer built from model.parameters() mixes them. Torch keys optimizer state by parameter,
+    not by group, so regrouping keeps any state it already has (Adagrad makes some at init)."""
+    if any(g.get("moe") for g in optimizer.param_groups):
+        return
+    if not any(is_moe_param(p) for g in optimizer.param_groups for p in g["params"]):
+        return
+    groups = _moe_param_groups(optimizer.param_groups)
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
