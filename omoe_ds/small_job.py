@@ -48,7 +48,7 @@ def train(engine, x, y, steps: int, global_batch: int, on_step=None) -> list:
             loss = engine(xb, yb)
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
         if on_step is not None:
             on_step(engine, step)
     return losses

@@ -48,7 +48,7 @@ class SmallMoEClassifier(nn.Module):
         return F.cross_entropy(self.logits(x), labels)
 
 
-def make_task(spec: SmallMoESpec, num_samples: int, seed: int, noise: float = 0.6):
+def make_task(spec: SmallMoESpec, num_samples: int, seed: int, noise: float = 1.6):
     """(x [N, T, d_in], y [N]); the class prototypes depend only on spec, the samples on seed."""
     prototypes = torch.randn(spec.num_classes, spec.d_in, generator=torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up omoe-ds in ./.venv. Idempotent: safe to run again, it only installs what is missing.
+#
+#   bash launch/setup.sh
+#
+# torch is installed first, pinned to 2.13.0, and only when no torch is importable: here that takes
+# the local CPU wheel; a GPU user whose python already has a CUDA build keeps it (the venv then
+# sees the system site-packages). DeepSpeed JIT-builds a small op on first use: it needs g++ and ninja.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m venv --system-site-packages .venv
+  else
+    "$PYTHON" -m venv .venv
+  fi
+fi
+. .venv/bin/activate
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+fi
+if ! python -c "import omoe_ds, deepspeed, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.omoe_installed ]; then
+  python -m pip install -q --disable-pip-version-check -e ".[dev]"
+  touch .venv/.omoe_installed
+fi
+command -v g++ >/dev/null || echo "warning: g++ not found; DeepSpeed's CPU ops cannot be JIT-built" >&2
+python -c "import torch, deepspeed; print(f'omoe-ds ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')"
