@@ -31,7 +31,8 @@ class LayerInputWindow:
         self.sums = [torch.zeros(e_local, w1.in_features, dtype=ACCUMULATOR_DTYPE, device=device),
                      torch.zeros(e_local, w2.in_features, dtype=ACCUMULATOR_DTYPE, device=device)]
         self.counts = torch.zeros(e_local, dtype=ACCUMULATOR_DTYPE, device=device)
-        self._handles = [layer.gate.register_forward_hook(self._after_gate)]
+        self._handles = [layer.gate.register_forward_hook(self._after_gate),
+                         layer.module.register_forward_hook(self._after_layer)]
         for local_index, linears in enumerate(layer.local_experts):
             for weight_index, linear in enumerate(linears):
                 self._handles.append(linear.register_forward_pre_hook(self._make_input_hook(local_index, weight_index)))
@@ -56,6 +57,10 @@ class LayerInputWindow:
         routed = indices[indices >= 0].to(torch.int64)
         sent = torch.bincount(routed, minlength=self.layer.num_experts)
         self._received_counts = collectives.routed_counts_to_local_experts(sent, self.layer.ep_size)
+
+    def _after_layer(self, moe, inputs, output) -> None:
+        # Counts describe this dispatch only; an expert Linear called outside it records nothing.
+        self._received_counts = None
 
     def _make_input_hook(self, local_index: int, weight_index: int):
         def record_inputs(linear, inputs):

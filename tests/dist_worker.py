@@ -127,6 +127,50 @@ def o_step_moves_only_experts(out, name, base, stage=0, optimizer=None):
         "num_dense": len(dense)})
 
 
+def capture_reference(out):
+    """The recorded window equals per-expert sums of routed tokens and their hidden activations,
+    recomputed here from the gate's argmax; the first O step's projectors are I − uuᵀ from them."""
+    engine = build(ep_size=1)
+    omoe = engine.omoe
+    ref = [{"sums": [torch.zeros(4, SPEC.d_model, dtype=torch.float64), torch.zeros(4, SPEC.d_ff, dtype=torch.float64)],
+            "counts": torch.zeros(4, dtype=torch.float64)} for _ in omoe.layers]
+
+    def record(L):
+        def hook(moe, args):
+            if omoe.phase != "R" or not moe.training:
+                return
+            x = args[0].detach().reshape(-1, SPEC.d_model)
+            expert = (x @ moe.deepspeed_moe.gate.wg.weight.T).argmax(-1)
+            for e in range(4):
+                w1, w2 = omoe.layers[L].local_experts[e]
+                xe = x[expert == e]
+                ref[L]["sums"][0][e] += xe.double().sum(0)
+                ref[L]["sums"][1][e] += F.gelu(F.linear(xe, w1.weight, w1.bias)).detach().double().sum(0)
+                ref[L]["counts"][e] += len(xe)
+        return hook
+
+    for L, layer in enumerate(omoe.layers):
+        layer.module.register_forward_pre_hook(record(L))
+    train(engine, X, Y, 5, GLOBAL_BATCH)
+    report = {"window": {}, "projector": {}}
+    for L, window in enumerate(omoe.windows):
+        for w in range(2):
+            report["window"][f"layer{L}.w{w + 1}"] = ((window.sums[w] - ref[L]["sums"][w]).abs().max()
+                                                     / ref[L]["sums"][w].abs().max()).item()
+        report["window"][f"layer{L}.counts_equal"] = bool(torch.equal(window.counts, ref[L]["counts"]))
+        report["window"][f"layer{L}.tokens"] = float(ref[L]["counts"].sum())
+    xb, yb = next(micro_batches(X, Y, 5, GLOBAL_BATCH, 1))
+    engine(xb, yb)  # step 5 is the first O step: the forward closes the window
+    alpha = omoe_ds.projector.alpha_at(5, 0.5, 0.5, STEPS)
+    for L, layer in enumerate(omoe.layers):
+        for e in range(4):
+            for w, linear in enumerate(layer.local_experts[e]):
+                x_mean = torch.cat([(ref[L]["sums"][w][e] / ref[L]["counts"][e]).float(), torch.ones(1)])
+                P_ref = torch.eye(len(x_mean)) - torch.outer(x_mean, x_mean) / (alpha + x_mean @ x_mean)
+                report["projector"][f"layer{L}.expert{e}.w{w + 1}"] = (omoe.P[L][e][w] - P_ref).abs().max().item()
+    _write_json(out, "capture_reference", report)
+
+
 def _write_json(out, name, payload):
     with open(os.path.join(out, f"{name}.rank{dist.get_rank()}.json"), "w") as f:
         json.dump(payload, f, indent=1)
@@ -136,6 +180,7 @@ SUITES = {
     "world1": lambda out: [
         train_run(out, "ref_ep1", ep_size=1),
         train_run(out, "ref_ep1_gas2", ep_size=1, gas=2),
+        capture_reference(out),
     ],
     "world2": lambda out: [
         train_run(out, "ep2_zero0", ep_size=2, stage=0),

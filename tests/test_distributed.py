@@ -16,6 +16,7 @@ import torch
 pytestmark = pytest.mark.distributed
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-6
+GLOBAL_BATCH_TOKENS = 16 * 6  # dist_worker: GLOBAL_BATCH sequences of seq_len tokens
 
 
 def free_port() -> int:
@@ -107,6 +108,19 @@ def test_replicas_hold_identical_projectors(runs):
     for key in rank0["projectors"]:
         assert torch.equal(rank0["projectors"][key], rank1["projectors"][key]), key
     assert max_diff(load(runs, "ep1_replicas")["projectors"], load(runs, "ref_ep1")["projectors"]) < TOL
+
+
+def test_input_capture_matches_independent_reference(runs):
+    (report,) = load_json(runs, "capture_reference")
+    for key, value in report["window"].items():
+        if key.endswith("counts_equal"):
+            assert value, key
+        elif key.endswith("tokens"):
+            assert value == 5 * GLOBAL_BATCH_TOKENS, key  # every token of the 5 R steps, nothing else
+        else:
+            assert value < TOL, key
+    assert len(report["projector"]) == 2 * 4 * 2
+    assert max(report["projector"].values()) < TOL
 
 
 def test_o_step_gradient_equals_dense_reference(runs):
