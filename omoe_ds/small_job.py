@@ -39,13 +39,19 @@ def micro_batches(x, y, step: int, global_batch: int, gas: int):
         yield x[rows], y[rows]
 
 
+def model_dtype(engine) -> torch.dtype:
+    """bf16 configs train a bf16 model; inputs must match it."""
+    return next(engine.module.parameters()).dtype
+
+
 def train(engine, x, y, steps: int, global_batch: int, on_step=None) -> list:
     gas = engine.gradient_accumulation_steps()
+    dtype = model_dtype(engine)
     losses = []
     engine.train()
     for step in range(steps):
         for xb, yb in micro_batches(x, y, step, global_batch, gas):
-            loss = engine(xb, yb)
+            loss = engine(xb.to(dtype), yb)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().item())
@@ -63,7 +69,7 @@ def accuracy(engine, x, y, batch: int = 256) -> float:
     shard = torch.arange(rank, x.shape[0], world)
     for i in range(0, max(len(shard), 1), batch):
         rows = shard[i:i + batch]
-        pred = engine.module.logits(x[rows]).argmax(-1)
+        pred = engine.module.logits(x[rows].to(model_dtype(engine))).argmax(-1)
         correct += torch.tensor([(pred == y[rows]).sum().item(), len(rows)], dtype=torch.float64)
     engine.train()
     collectives.sum_over_world_(correct)

@@ -17,7 +17,7 @@ from deepspeed.moe.utils import is_moe_param
 
 import omoe_ds
 from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
-from omoe_ds.small_job import micro_batches, train
+from omoe_ds.small_job import micro_batches, model_dtype, train
 from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
 SPEC = SmallMoESpec(d_in=8, d_model=16, d_ff=24, num_layers=2, num_experts=4, num_classes=4, seq_len=6)
@@ -30,7 +30,7 @@ BASES = {"adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01),
          "sgd": lambda p: torch.optim.SGD(p, lr=5e-2, momentum=0.9)}
 
 
-def ds_config(stage=0, gas=1, optimizer=None, **omoe):
+def ds_config(stage=0, gas=1, optimizer=None, bf16=False, **omoe):
     world = dist.get_world_size()
     config = {"train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": gas,
               "train_micro_batch_size_per_gpu": GLOBAL_BATCH // gas // world, "steps_per_print": 10 ** 9,
@@ -39,6 +39,8 @@ def ds_config(stage=0, gas=1, optimizer=None, **omoe):
               "omoe": {"skip_step": 5, "alpha0": 0.5, "lam": 0.5, "total_steps": STEPS, **omoe}}
     if optimizer:
         config["optimizer"] = optimizer
+    if bf16:
+        config["bf16"] = {"enabled": True}
     return config
 
 
@@ -109,13 +111,13 @@ def o_step_reference(out):
     _write_json(out, "o_step_reference", errors)
 
 
-def o_step_moves_only_experts(out, name, base, stage=0, optimizer=None):
+def o_step_moves_only_experts(out, name, base, stage=0, optimizer=None, bf16=False):
     """One O step (step 5) with each base optimizer: experts move, dense parameters keep their bits."""
-    engine = build(ep_size=2, base=base, stage=stage, optimizer=optimizer)
+    engine = build(ep_size=2, base=base, stage=stage, optimizer=optimizer, bf16=bf16)
     train(engine, X, Y, 5, GLOBAL_BATCH)
     before = state_by_global_id(engine)
     for xb, yb in micro_batches(X, Y, 5, GLOBAL_BATCH, engine.gradient_accumulation_steps()):
-        engine.backward(engine(xb, yb))
+        engine.backward(engine(xb.to(model_dtype(engine)), yb))
         engine.step()
     after = state_by_global_id(engine)
     expert = [k for k in before if k.startswith("layer")]
@@ -191,6 +193,7 @@ SUITES = {
         o_step_reference(out),
         *[o_step_moves_only_experts(out, f"o_step_{base}", base) for base in BASES],
         o_step_moves_only_experts(out, "o_step_adamw_zero2", "adamw", stage=2),
+        o_step_moves_only_experts(out, "o_step_adamw_zero2_bf16", "adamw", stage=2, bf16=True),
         o_step_moves_only_experts(out, "o_step_ds_config_optimizer", None,
                                   optimizer={"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}),
     ],

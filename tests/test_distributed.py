@@ -133,7 +133,7 @@ def test_o_step_gradient_equals_dense_reference(runs):
 
 
 @pytest.mark.parametrize("run", ["o_step_adamw", "o_step_rmsprop", "o_step_adagrad", "o_step_sgd",
-                                 "o_step_adamw_zero2", "o_step_ds_config_optimizer"])
+                                 "o_step_adamw_zero2", "o_step_adamw_zero2_bf16", "o_step_ds_config_optimizer"])
 def test_o_step_moves_experts_and_keeps_dense_bits(runs, run):
     for per_rank in load_json(runs, run):
         assert per_rank["o_step_ran"]
