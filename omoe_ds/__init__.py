@@ -1,6 +1,8 @@
 """omoe_ds: the OMoE orthogonal expert optimizer (arXiv 2310.09762), expert-parallel through DeepSpeed."""
 from .config import OMoEConfig, OMoEConfigError
+from .convert import SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_expert_groups, convert_to_moe, moe_aux_loss
 from .initialize import initialize
 from .moe_layers import make_moe_ffn
 
-__all__ = ["initialize", "OMoEConfig", "OMoEConfigError", "make_moe_ffn"]
+__all__ = ["initialize", "OMoEConfig", "OMoEConfigError", "make_moe_ffn", "SUPPORTED_MODEL_TYPES", "MoEConversionConfig",
+           "bind_expert_groups", "convert_to_moe", "moe_aux_loss"]

@@ -77,3 +77,16 @@ def sum_over_world_(tensor: torch.Tensor) -> torch.Tensor:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable object, in rank order (evaluation outputs of sharded eval sets)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -30,6 +30,7 @@ class OMoE:
         self.engine, self.layers, self.config = engine, layers, config
         self.phase = "R"
         self.prepared_step = -1          # the O step whose projector update has run
+        self.o_steps_done = 0
         self.projection_seconds = [0.0]  # time spent inside the grad hooks
         self.exchange_seconds = 0.0      # time of the last O-step projector update + exchange
         self.ep_ranks = [collectives.ep_rank(layer.ep_size) for layer in layers]
@@ -97,6 +98,7 @@ class OMoE:
             for window in windows:
                 window.reset()
         self.prepared_step = step
+        self.o_steps_done += 1
         self.exchange_seconds = time.perf_counter() - start
 
     def _local_factors(self, L: int, alpha: float) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 
 from . import collectives, initialize
 from .config import resolve_ds_config
+from .diversity import expert_parameter_variance
+from .moe_layers import find_moe_layers
 from .small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
 
@@ -76,17 +78,9 @@ def accuracy(engine, x, y, batch: int = 256) -> float:
     return float(correct[0] / correct[1])
 
 
-@torch.no_grad()
-def expert_parameter_variance(engine) -> float:
-    """Mean over expert parameters of their variance across the M experts of a layer (paper Tables I/II)."""
-    model = engine.module
-    values = []
-    for moe in model.moes:
-        local = torch.stack([torch.cat([p.detach().reshape(-1).float() for p in e.parameters()])
-                             for e in moe.deepspeed_moe.experts.deepspeed_experts])
-        every_expert = collectives.gather_over_ep(local, moe.ep_size)
-        values.append(every_expert.var(dim=0, unbiased=False).mean())
-    return float(torch.stack(values).mean())
+def mean_expert_parameter_variance(engine) -> float:
+    per_layer = expert_parameter_variance(find_moe_layers(engine.module))
+    return sum(d["mean"] for d in per_layer) / len(per_layer)
 
 
 def run_one(ds_config: dict, spec: SmallMoESpec, ep_size: int, steps: int, seed: int, lr: float, data) -> dict:
@@ -101,7 +95,7 @@ def run_one(ds_config: dict, spec: SmallMoESpec, ep_size: int, steps: int, seed:
     seconds = time.perf_counter() - start
     return {"optimizer": "omoe" if engine.omoe is not None else "adamw", "steps": steps,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]), "train_seconds": seconds,
-            "test_accuracy": accuracy(engine, x_test, y_test), "expert_param_variance": expert_parameter_variance(engine)}
+            "test_accuracy": accuracy(engine, x_test, y_test), "expert_param_variance": mean_expert_parameter_variance(engine)}
 
 
 def main(argv=None):

