@@ -231,6 +231,7 @@ def main(argv=None):
     start = time.perf_counter()
     progress = tqdm(total=steps_total, disable=rank != 0, desc=f"{args.task} {args.optimizer}", dynamic_ncols=True)
     epoch = 0
+    engine.train()  # from_pretrained returns the model in eval mode: no dropout, no OMoE input capture
     while engine.global_steps < steps_total:
         sampler.set_epoch(epoch)
         for batch in loader:

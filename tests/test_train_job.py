@@ -106,14 +106,15 @@ def test_two_rank_omoe_run_writes_results(tiny_bert, tiny_data, tmp_path):
     out = tmp_path / "run"
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "omoe_ds.train", *job_args(tiny_bert, tiny_data, out), "--optimizer", "omoe",
-           "--max-steps", "11", "--eval-every", "5", "--skip-step", "5", "--lr", "1e-3",
+           "--max-steps", "11", "--eval-every", "7", "--skip-step", "5", "--lr", "1e-3",
            "--deepspeed_config", str(ds_config)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 11 and results["o_steps"] == 2  # steps 5 and 10
+    # steps 5 and 10; the first comes before any eval, so training mode must be on from the start
+    assert results["steps"] == 11 and results["o_steps"] == 2
     for split in ("dev", "test"):
         assert 0 <= results[split]["accuracy"] <= 1
     assert math.isfinite(results["train_seconds"]) and results["train_seconds"] > 0
@@ -126,7 +127,7 @@ def test_two_rank_omoe_run_writes_results(tiny_bert, tiny_data, tmp_path):
     assert results["config"]["deepspeed"]["omoe"]["enabled"] is True
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [5, 10, 11]
+    assert [r["step"] for r in lines] == [7, 11]
     assert all(math.isfinite(r["train_loss"]) and 0 <= r["dev"]["accuracy"] <= 1 for r in lines)
     monitor = out / "monitor"
     assert any(name.endswith(".csv") for _, _, files in os.walk(monitor) for name in files)
