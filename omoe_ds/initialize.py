@@ -31,7 +31,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if omoe_config.enabled and not layers:
         raise OMoEConfigError(f"{type(model).__name__} has no deepspeed.moe.layer.MoE layer for OMoE to act on; "
                               "add MoE layers or set \"omoe\": {\"enabled\": false}")
-    deepspeed.init_distributed(dist_init_required=dist_init_required)
+    collectives.init_distributed(dist_init_required)
     check_ep_sizes(layers, collectives.world_size())
 
     if model_parameters is None:

@@ -200,7 +200,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = encode_task(spec, raw, tokenizer, args.max_length)
     model = load_model(spec, model_path, args)  # converter errors come before any distributed setup
-    deepspeed.init_distributed()
+    collectives.init_distributed()
     rank, world = collectives.rank(), collectives.world_size()
     base = args.base_optimizer if args.optimizer == "omoe" else args.optimizer
 
