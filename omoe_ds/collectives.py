@@ -73,6 +73,18 @@ def gather_factors(local_factors: torch.Tensor, ep_size: int) -> torch.Tensor:
     return gather_over_ep(local_factors, ep_size, log_name=FACTOR_GATHER_LOG)
 
 
+def broadcast_from_rank0(tensor: torch.Tensor, log_name: str = "omoe_metric_broadcast") -> torch.Tensor:
+    """Rank 0's tensor on every rank, its row count included (other ranks' rows may differ and are dropped)."""
+    if world_size() == 1:
+        return tensor
+    rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    dist.broadcast(rows, 0, log_name=log_name)
+    shared = tensor.contiguous() if rank() == 0 else tensor.new_empty((int(rows), *tensor.shape[1:]))
+    if shared.numel():
+        dist.broadcast(shared, 0, log_name=log_name)
+    return shared
+
+
 def sum_over_world_(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, log_name="omoe_metric_allreduce")

@@ -1,32 +1,252 @@
 """Expert-diversity figures that work on expert-sharded models: only per-expert rows cross ranks.
 
-- parameter variance across the M experts of a layer, averaged over parameters (paper A, Tables I/II);
-- token load per expert, counted at the gate.
+Per MoE layer, for [W1|b1] and [W2|b2] each (weight and bias flattened together, "positions"):
+- percent_differing: averaged over all expert pairs i<j, the share of positions with
+  |θ_i − θ_j| > threshold, in percent (paper A §III.A: ">99% of parameters similar" without OMoE);
+- param_variance: population variance of each position across the M experts, averaged over positions
+  (paper A, Tables I/II).
+Per MoE layer: output_variance, the variance across experts of their outputs on the same tokens,
+averaged over tokens and dims. "overall" applies the same definitions with every (pair, position),
+position or (token, dim) of every layer counted once. diverse_degree compares two runs (paper A, Fig. 3);
+ExpertLoadCounter counts the tokens each gate sends to each expert.
+
+Sharding: a rank holds all M experts' values only for one slice of `chunk` positions (or outputs) at a
+time, all-gathered from the [E_local, chunk] rows of the EP group, so memory stays O(M·chunk).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from . import collectives
-from .moe_layers import MoELayerInfo
+from .moe_layers import WEIGHT_NAMES, MoELayerInfo
+
+DEFAULT_THRESHOLD = 1e-3  # paper A §III.A
+DEFAULT_CHUNK = 1 << 16   # floats per expert in one gathered slice
+GATHER_LOG = "omoe_diversity_allgather"
+EXPERT_PARAM_KEY = re.compile(r"layer(\d+)\.expert(\d+)\.(w1|w2)\.(weight|bias)$")
 
 
-@torch.no_grad()
+@dataclass
+class _Mean:
+    """A sum over elements and their count, so layer and overall figures share one definition."""
+    total: float = 0.0
+    count: float = 0.0
+
+    def add(self, total: float, count: float) -> None:
+        self.total += total
+        self.count += count
+
+    def merge(self, other: "_Mean") -> None:
+        self.add(other.total, other.count)
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+def _pair_abs_differences(every: torch.Tensor) -> Iterator[torch.Tensor]:
+    """|θ_i − θ_j| for all pairs i<j of the rows of [M, c], one i at a time to keep memory O(M·c)."""
+    for i in range(every.shape[0] - 1):
+        yield (every[i + 1:] - every[i]).abs()
+
+
+def _num_pairs(num_experts: int) -> int:
+    return num_experts * (num_experts - 1) // 2
+
+
+def _weight_slices(layer: MoELayerInfo, weight_index: int, chunk: int) -> Iterator[torch.Tensor]:
+    """[M, ≤chunk] slices of every expert's flat [W|b], in global-expert order."""
+    local = [[p.detach().reshape(-1) for p in linears[weight_index].parameters()] for linears in layer.local_experts]
+    for same_tensor in zip(*local):  # the weight of every local expert, then the bias
+        for start in range(0, same_tensor[0].numel(), chunk):
+            rows = torch.stack([t[start:start + chunk] for t in same_tensor]).float()
+            yield collectives.gather_over_ep(rows, layer.ep_size, log_name=GATHER_LOG)
+
+
+@torch.no_grad()  # also keeps OMoE's input capture from recording these forwards
+def _output_slices(layer: MoELayerInfo, tokens: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    """[M, ≤chunk] slices of every expert's output on the same tokens, flattened over (token, dim)."""
+    experts = layer.module.deepspeed_moe.experts.deepspeed_experts
+    tokens_per_slice = max(1, chunk // tokens.shape[1])
+    for start in range(0, tokens.shape[0], tokens_per_slice):
+        x = tokens[start:start + tokens_per_slice]
+        rows = torch.stack([expert(x).reshape(-1) for expert in experts]).float()
+        yield collectives.gather_over_ep(rows, layer.ep_size, log_name=GATHER_LOG)
+
+
+def _variance_sum(every: torch.Tensor) -> tuple:
+    """(Σ over columns of the population variance across the rows of [M, c], c)."""
+    return float(every.double().var(dim=0, unbiased=False).sum()), every.shape[1]
+
+
+def _differing_pairs(every: torch.Tensor, threshold: float) -> tuple:
+    """(number of (pair i<j, column) with |θ_i − θ_j| > threshold, number of (pair, column))."""
+    count = sum(int((d > threshold).sum()) for d in _pair_abs_differences(every))
+    return count, _num_pairs(every.shape[0]) * every.shape[1]
+
+
+def _weight_figures(layer: MoELayerInfo, weight_index: int, threshold: float, chunk: int) -> tuple:
+    differing, variance = _Mean(), _Mean()
+    for every in _weight_slices(layer, weight_index, chunk):  # one pass: each slice is gathered once
+        differing.add(*_differing_pairs(every, threshold))
+        variance.add(*_variance_sum(every))
+    return differing, variance
+
+
+def _output_variance(layer: MoELayerInfo, tokens: torch.Tensor, chunk: int) -> _Mean:
+    variance = _Mean()
+    for every in _output_slices(layer, tokens, chunk):
+        variance.add(*_variance_sum(every))
+    return variance
+
+
+def _shared_tokens(layer: MoELayerInfo, tokens: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tokens on every rank: all experts, wherever they live, must see the same input."""
+    w1 = layer.local_experts[0][0].weight
+    return collectives.broadcast_from_rank0(tokens.detach().reshape(-1, w1.shape[1]).to(w1))
+
+
+def expert_diversity(layers: List[MoELayerInfo], threshold: float = DEFAULT_THRESHOLD,
+                     inputs: Optional[Sequence[torch.Tensor]] = None, chunk: int = DEFAULT_CHUNK) -> dict:
+    """{"layers": [{"w1": {...}, "w2": {...}, "output_variance"?}], "overall": {...}}; see the module doc.
+
+    inputs: per layer, token vectors [..., d_model] the experts are compared on; rank 0's are used on
+    every rank. output_variance is left out without inputs (or without tokens). Every rank must call.
+    """
+    per_layer = []
+    overall = {name: {"differing": _Mean(), "variance": _Mean()} for name in WEIGHT_NAMES}
+    overall_outputs = _Mean()
+    for layer in layers:
+        figures = {}
+        for w, name in enumerate(WEIGHT_NAMES):
+            differing, variance = _weight_figures(layer, w, threshold, chunk)
+            overall[name]["differing"].merge(differing)
+            overall[name]["variance"].merge(variance)
+            figures[name] = {"percent_differing": 100 * differing.value, "param_variance": variance.value}
+        tokens = _shared_tokens(layer, inputs[layer.index]) if inputs is not None else None
+        if tokens is not None and tokens.shape[0]:
+            outputs = _output_variance(layer, tokens, chunk)
+            overall_outputs.merge(outputs)
+            figures["output_variance"] = outputs.value
+        per_layer.append(figures)
+    return {"layers": per_layer, "overall": _overall(overall, overall_outputs)}
+
+
+def _overall(per_weight: Dict[str, Dict[str, _Mean]], outputs: _Mean) -> dict:
+    differing, variance = _Mean(), _Mean()
+    result = {}
+    for name, means in per_weight.items():
+        differing.merge(means["differing"])
+        variance.merge(means["variance"])
+        result[name] = {"percent_differing": 100 * means["differing"].value,
+                        "param_variance": means["variance"].value}
+    result.update(percent_differing=100 * differing.value, param_variance=variance.value)
+    if outputs.count:
+        result["output_variance"] = outputs.value
+    return result
+
+
+def param_variance_by_layer(diversity: dict) -> List[Dict[str, float]]:
+    """The per-layer {"w1", "w2", "mean"} parameter variances of an expert_diversity result."""
+    out = []
+    for figures in diversity["layers"]:
+        w1, w2 = (figures[name]["param_variance"] for name in WEIGHT_NAMES)
+        out.append({"w1": w1, "w2": w2, "mean": (w1 + w2) / 2})
+    return out
+
+
 def expert_parameter_variance(layers: List[MoELayerInfo]) -> List[Dict[str, float]]:
     """Per MoE layer: mean over parameter positions of the variance across experts, for W1 and W2 ([W|b] each)."""
-    out = []
-    for layer in layers:
-        per_weight = {}
-        for w, name in enumerate(("w1", "w2")):
-            local = torch.stack([torch.cat([p.detach().reshape(-1).float() for p in linears[w].parameters()])
-                                 for linears in layer.local_experts])
-            every_expert = collectives.gather_over_ep(local, layer.ep_size)  # [M, params]
-            per_weight[name] = float(every_expert.var(dim=0, unbiased=False).mean())
-        per_weight["mean"] = (per_weight["w1"] + per_weight["w2"]) / 2
-        out.append(per_weight)
-    return out
+    return param_variance_by_layer(expert_diversity(layers))
+
+
+def diversity_events(diversity: dict, step: int) -> list:
+    """Monitor events: the overall figures, and per layer and weight the differing share and variance."""
+    events = [(f"Diversity/overall/{key}", value, step)
+              for key, value in diversity["overall"].items() if not isinstance(value, dict)]
+    for index, figures in enumerate(diversity["layers"]):
+        for name in WEIGHT_NAMES:
+            events += [(f"Diversity/layer{index}/{name}/{key}", value, step) for key, value in figures[name].items()]
+    return events
+
+
+def _stacked_experts(state: Dict[str, torch.Tensor]) -> Dict[tuple, torch.Tensor]:
+    """{(layer, "w1"|"w2"): [M, positions]} from a state dict keyed by global expert id, experts in id order."""
+    parts = defaultdict(dict)
+    for key, tensor in state.items():
+        match = EXPERT_PARAM_KEY.search(key)
+        if match:
+            layer, expert, weight, kind = match.groups()
+            parts[(int(layer), weight)].setdefault(int(expert), {})[kind] = tensor.detach().reshape(-1).double()
+    return {key: torch.stack([torch.cat([by_kind[k] for k in ("weight", "bias") if k in by_kind])
+                              for _, by_kind in sorted(experts.items())])
+            for key, experts in sorted(parts.items())}
+
+
+def _mean_pairwise_abs_difference(every: torch.Tensor) -> torch.Tensor:
+    """Per position, the mean over expert pairs i<j of |θ_i − θ_j|."""
+    return sum(d.sum(dim=0) for d in _pair_abs_differences(every)) / _num_pairs(every.shape[0])
+
+
+def diverse_degree(run_a: Dict[str, torch.Tensor], run_b: Dict[str, torch.Tensor]) -> dict:
+    """Share of positions (in [0, 1]) whose mean pairwise |difference| across experts is larger in run B
+    (e.g. OMoE) than in run A (e.g. the AdamW baseline), paper A Fig. 3; ties count as not larger.
+
+    The runs are full state dicts keyed "layer{L}.expert{g}.{w1|w2}.{weight|bias}" (as
+    expert_parameters_by_global_id names them, gathered from every rank); other keys are ignored.
+    Returns {"layers": [{"w1": share, "w2": share}, ...], "overall": share over all positions}.
+    """
+    stacked_a, stacked_b = _stacked_experts(run_a), _stacked_experts(run_b)
+    if stacked_a.keys() != stacked_b.keys() or not stacked_a:
+        raise ValueError("diverse_degree needs two runs with the same, non-empty set of MoE layers and weights")
+    per_layer = defaultdict(dict)
+    overall = _Mean()
+    for (layer, weight), a in stacked_a.items():
+        b = stacked_b[(layer, weight)]
+        if a.shape != b.shape:
+            raise ValueError(f"layer{layer}.{weight}: expert parameters of shape {tuple(a.shape)} vs {tuple(b.shape)}")
+        larger = int((_mean_pairwise_abs_difference(b) > _mean_pairwise_abs_difference(a)).sum())
+        overall.add(larger, a.shape[1])
+        per_layer[layer][weight] = larger / a.shape[1]
+    return {"layers": [per_layer[layer] for layer in sorted(per_layer)], "overall": overall.value}
+
+
+class LayerInputSample:
+    """Keeps the first max_tokens token vectors each MoE gate sees while enabled (padding skipped): the
+    common input expert_diversity runs every expert on."""
+
+    def __init__(self, layers: List[MoELayerInfo], max_tokens: int = 256):
+        self.max_tokens = max_tokens
+        self.enabled = False
+        self.tokens: List[List[torch.Tensor]] = [[] for _ in layers]
+        self._handles = [layer.gate.register_forward_pre_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
+
+    def _make_hook(self, index: int):
+        def keep(gate, args):
+            room = self.max_tokens - sum(len(t) for t in self.tokens[index])
+            if not self.enabled or room <= 0:
+                return
+            tokens, used_token = args[0], args[1] if len(args) > 1 else None
+            if used_token is not None:
+                tokens = tokens[used_token.reshape(-1) > 0]
+            self.tokens[index].append(tokens[:room].detach().clone())
+        return keep
+
+    def take(self) -> List[torch.Tensor]:
+        """Per layer, the kept tokens [T, d_model] (T may be 0); the sample starts empty again."""
+        taken = [torch.cat(t) if t else torch.empty(0, 0) for t in self.tokens]
+        self.tokens = [[] for _ in self.tokens]
+        return taken
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 class ExpertLoadCounter:

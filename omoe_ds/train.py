@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import collectives, initialize
 from .config import OMoEConfigError, resolve_ds_config
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
-from .diversity import ExpertLoadCounter, expert_parameter_variance
+from .diversity import ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity, param_variance_by_layer
 from .features import encode_task, evaluate_predictions, model_input_columns
 from .moe_layers import find_moe_layers
 from .tasks import load_task
@@ -225,6 +225,7 @@ def main(argv=None):
     loader = DataLoader(train_set.with_format("torch", columns=columns), batch_size=micro, sampler=sampler, drop_last=True)
     layers = find_moe_layers(engine.module)
     load_counter = ExpertLoadCounter(layers)
+    input_sample = LayerInputSample(layers)  # dev tokens each MoE layer saw: the input its experts are compared on
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     eval_every = args.eval_every or steps_per_epoch
     history, losses = [], []
@@ -245,28 +246,34 @@ def main(argv=None):
                 progress.update(1)
                 progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
                 if step % eval_every == 0 or step == steps_total:
+                    input_sample.enabled = True
                     record = {"step": step, "epoch": epoch + 1, "train_loss": float(np.mean(losses[-eval_every * gas:])),
                               "elapsed_s": time.perf_counter() - start,
                               "dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}
+                    input_sample.enabled = False
+                    record["diversity"] = expert_diversity(layers, inputs=input_sample.take())  # every rank: collectives
                     history.append(record)
                     if rank == 0:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
                     if engine.monitor.enabled and rank == 0:
                         engine.monitor.write_events([(f"Eval/dev/{k}", v, engine.global_samples)
-                                                     for k, v in record["dev"].items()])
+                                                     for k, v in record["dev"].items()]
+                                                    + diversity_events(record["diversity"], engine.global_samples))
             if step >= steps_total:
                 break
         epoch += 1
     progress.close()
     train_seconds = time.perf_counter() - start
 
-    load_counter.enabled = True
+    load_counter.enabled = input_sample.enabled = True
     final = {"dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}
-    load_counter.enabled = False
+    load_counter.enabled = input_sample.enabled = False
+    final_diversity = expert_diversity(layers, inputs=input_sample.take())
     if "test" in encoded:
         final["test"] = evaluate(engine, spec, raw, encoded, "test", args.eval_batch_size)
-    diversity = {"expert_param_variance": expert_parameter_variance(layers), "dev_expert_load": load_counter.read()}
+    diversity = {"expert_param_variance": param_variance_by_layer(final_diversity), "dev_expert_load": load_counter.read(),
+                 **final_diversity}
     if rank == 0:
         results = {"task": spec.name, "primary_metric": spec.primary_metric, "model": args.model,
                    "optimizer": args.optimizer, "base_optimizer": base, "seed": args.seed,

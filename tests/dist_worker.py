@@ -6,6 +6,7 @@ Each scenario trains the small MoE classifier on the same global batches and sav
 parameters and projectors keyed by global expert id; the tests compare the files.
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from deepspeed.moe.utils import is_moe_param
 
 import omoe_ds
+from omoe_ds.diversity import expert_diversity
 from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
 from omoe_ds.small_job import micro_batches, model_dtype, train
 from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
@@ -173,6 +175,18 @@ def capture_reference(out):
     _write_json(out, "capture_reference", report)
 
 
+def diversity_sharded(out):
+    """expert_diversity with experts on 2 ranks, after a few steps made them differ; each rank offers other
+    tokens (rank 0's must be used) and slices are small, so several gathers run per weight."""
+    engine = build(ep_size=2)
+    train(engine, X, Y, 3, GLOBAL_BATCH)
+    layers = find_moe_layers(engine.module)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    inputs = [torch.randn(10 + dist.get_rank(), SPEC.d_model, generator=g) for _ in layers]
+    save(out, "diversity_ep2", engine, diversity=expert_diversity(layers, inputs=inputs, chunk=50), inputs=inputs,
+         spec=dataclasses.asdict(SPEC))
+
+
 def _write_json(out, name, payload):
     with open(os.path.join(out, f"{name}.rank{dist.get_rank()}.json"), "w") as f:
         json.dump(payload, f, indent=1)
@@ -191,6 +205,7 @@ SUITES = {
         train_run(out, "ep2_zero2_gas2", ep_size=2, stage=2, gas=2),
         train_run(out, "ep1_replicas", ep_size=1, stage=0),
         o_step_reference(out),
+        diversity_sharded(out),
         *[o_step_moves_only_experts(out, f"o_step_{base}", base) for base in BASES],
         o_step_moves_only_experts(out, "o_step_adamw_zero2", "adamw", stage=2),
         o_step_moves_only_experts(out, "o_step_adamw_zero2_bf16", "adamw", stage=2, bf16=True),

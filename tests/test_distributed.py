@@ -13,6 +13,10 @@ import sys
 import pytest
 import torch
 
+from omoe_ds.diversity import expert_diversity
+from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
+from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec
+
 pytestmark = pytest.mark.distributed
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-6
@@ -139,3 +143,31 @@ def test_o_step_moves_experts_and_keeps_dense_bits(runs, run):
         assert per_rank["o_step_ran"]
         assert per_rank["expert_max_change"] > 1e-4
         assert per_rank["num_dense"] > 0 and per_rank["dense_changed"] == []
+
+
+def figures(result: dict) -> dict:
+    """The scalar figures of an expert_diversity result, keyed by where they sit."""
+    flat = {f"overall.{k}": v for k, v in result["overall"].items() if not isinstance(v, dict)}
+    for L, layer in enumerate(result["layers"]):
+        flat[f"layer{L}.output_variance"] = layer["output_variance"]
+        for w in ("w1", "w2"):
+            flat.update({f"layer{L}.{w}.{k}": v for k, v in layer[w].items()})
+    return flat
+
+
+def test_sharded_diversity_equals_single_process_on_gathered_weights(runs):
+    """Experts on 2 ranks, gathered slice by slice, give the figures one process computes from all weights."""
+    run = load(runs, "diversity_ep2")
+    rank0, rank1 = (figures(r["diversity"]) for r in run["ranks"])
+    assert rank0 == rank1  # every rank reports the same figures
+    model = SmallMoEClassifier(SmallMoESpec(**run["ranks"][0]["spec"]), ep_size=1)
+    layers = find_moe_layers(model)
+    params = expert_parameters_by_global_id(layers)
+    assert params.keys() == {k for k in run["params"] if k.startswith("layer")}
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(run["params"][key])
+    reference = figures(expert_diversity(layers, inputs=run["ranks"][0]["inputs"]))
+    assert reference.keys() == rank0.keys() and len(rank0) == 3 + 2 * 5
+    assert all(abs(rank0[k] - reference[k]) < TOL for k in reference), (rank0, reference)
+    assert 0 < reference["overall.percent_differing"] < 100 and reference["overall.output_variance"] > 0

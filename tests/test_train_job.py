@@ -124,13 +124,18 @@ def test_two_rank_omoe_run_writes_results(tiny_bert, tiny_data, tmp_path):
     load = results["diversity"]["dev_expert_load"]
     assert len(load) == 2 and all(len(layer["tokens"]) == 4 for layer in load)
     assert all(sum(layer["tokens"]) > 0 for layer in load)
+    overall = results["diversity"]["overall"]
+    assert 0 <= overall["percent_differing"] <= 100 and overall["output_variance"] >= 0
+    assert [layer["w1"]["param_variance"] for layer in results["diversity"]["layers"]] == [v["w1"] for v in variance]
     assert results["config"]["deepspeed"]["omoe"]["enabled"] is True
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [7, 11]
     assert all(math.isfinite(r["train_loss"]) and 0 <= r["dev"]["accuracy"] <= 1 for r in lines)
+    assert all(len(r["diversity"]["layers"]) == 2 and "output_variance" in r["diversity"]["overall"] for r in lines)
     monitor = out / "monitor"
     assert any(name.endswith(".csv") for _, _, files in os.walk(monitor) for name in files)
+    assert any(name == "Diversity_layer1_w2_percent_differing.csv" for _, _, files in os.walk(monitor) for name in files)
     assert any("tfevents" in name for _, _, files in os.walk(monitor) for name in files)
 
 
