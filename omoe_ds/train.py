@@ -109,8 +109,8 @@ def resolve_model_path(name: str) -> str:
     return name  # a local dir or a hub id: transformers resolves both, and says clearly when neither exists
 
 
-def build_ds_config(args, steps_total: int, world: int) -> dict:
-    config = resolve_ds_config(config=args.deepspeed_config)
+def complete_ds_config(config: dict, args, steps_total: int) -> dict:
+    """The run's DeepSpeed config: OMoE on or off per --optimizer, "auto" scheduler values, monitor paths."""
     config.pop("optimizer", None)  # the job builds the base optimizer from --optimizer/--base-optimizer
     omoe = config.setdefault("omoe", {})
     omoe["enabled"] = args.optimizer == "omoe"
@@ -204,13 +204,13 @@ def main(argv=None):
     rank, world = collectives.rank(), collectives.world_size()
     base = args.base_optimizer if args.optimizer == "omoe" else args.optimizer
 
-    ds_probe = resolve_ds_config(config=args.deepspeed_config)
-    micro = int(ds_probe.get("train_micro_batch_size_per_gpu", 16))
-    gas = int(ds_probe.get("gradient_accumulation_steps", 1))
+    ds_config = resolve_ds_config(config=args.deepspeed_config)
+    micro = int(ds_config.get("train_micro_batch_size_per_gpu", 16))
+    gas = int(ds_config.get("gradient_accumulation_steps", 1))
     train_set = encoded["train"]
     steps_per_epoch = max(1, len(train_set) // (micro * world * gas))
     steps_total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-    ds_config = build_ds_config(args, steps_total, world)
+    complete_ds_config(ds_config, args, steps_total)
 
     os.makedirs(args.output_dir, exist_ok=True)
     if rank == 0:
@@ -228,7 +228,7 @@ def main(argv=None):
     input_sample = LayerInputSample(layers)  # dev tokens each MoE layer saw: the input its experts are compared on
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     eval_every = args.eval_every or steps_per_epoch
-    history, losses = [], []
+    losses = []
     start = time.perf_counter()
     progress = tqdm(total=steps_total, disable=rank != 0, desc=f"{args.task} {args.optimizer}", dynamic_ncols=True)
     epoch = 0
@@ -252,7 +252,6 @@ def main(argv=None):
                               "dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}
                     input_sample.enabled = False
                     record["diversity"] = expert_diversity(layers, inputs=input_sample.take())  # every rank: collectives
-                    history.append(record)
                     if rank == 0:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
