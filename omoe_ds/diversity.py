@@ -161,6 +161,11 @@ def param_variance_by_layer(diversity: dict) -> List[Dict[str, float]]:
     return out
 
 
+def mean_param_variance(per_layer: List[Dict[str, float]]) -> float:
+    """The one-number figure the job tables report: the per-layer "mean" variances, averaged over layers."""
+    return sum(d["mean"] for d in per_layer) / len(per_layer)
+
+
 def expert_parameter_variance(layers: List[MoELayerInfo]) -> List[Dict[str, float]]:
     """Per MoE layer: mean over parameter positions of the variance across experts, for W1 and W2 ([W|b] each)."""
     return param_variance_by_layer(expert_diversity(layers))

@@ -19,7 +19,7 @@ import torch
 
 from . import collectives, initialize
 from .config import resolve_ds_config
-from .diversity import expert_parameter_variance
+from .diversity import expert_parameter_variance, mean_param_variance
 from .moe_layers import find_moe_layers
 from .small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
@@ -78,11 +78,6 @@ def accuracy(engine, x, y, batch: int = 256) -> float:
     return float(correct[0] / correct[1])
 
 
-def mean_expert_parameter_variance(engine) -> float:
-    per_layer = expert_parameter_variance(find_moe_layers(engine.module))
-    return sum(d["mean"] for d in per_layer) / len(per_layer)
-
-
 def run_one(ds_config: dict, spec: SmallMoESpec, ep_size: int, steps: int, seed: int, lr: float, data) -> dict:
     torch.manual_seed(seed)
     model = SmallMoEClassifier(spec, ep_size=ep_size)
@@ -93,9 +88,10 @@ def run_one(ds_config: dict, spec: SmallMoESpec, ep_size: int, steps: int, seed:
     start = time.perf_counter()
     losses = train(engine, x_train, y_train, steps, global_batch)
     seconds = time.perf_counter() - start
+    variance = mean_param_variance(expert_parameter_variance(find_moe_layers(engine.module)))
     return {"optimizer": "omoe" if engine.omoe is not None else "adamw", "steps": steps,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]), "train_seconds": seconds,
-            "test_accuracy": accuracy(engine, x_test, y_test), "expert_param_variance": mean_expert_parameter_variance(engine)}
+            "test_accuracy": accuracy(engine, x_test, y_test), "expert_param_variance": variance}
 
 
 def main(argv=None):

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from . import collectives, initialize
 from .config import OMoEConfigError, resolve_ds_config
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
-from .diversity import ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity, param_variance_by_layer
+from .diversity import (ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity, mean_param_variance,
+                        param_variance_by_layer)
 from .features import encode_task, evaluate_predictions, model_input_columns
 from .moe_layers import find_moe_layers
 from .tasks import load_task
@@ -279,7 +280,7 @@ def main(argv=None):
                    "steps": engine.global_steps, "world_size": world, "train_seconds": train_seconds,
                    "o_steps": engine.omoe.o_steps_done if engine.omoe is not None else 0,
                    **final, "diversity": diversity,
-                   "mean_expert_param_variance": float(np.mean([d["mean"] for d in diversity["expert_param_variance"]])),
+                   "mean_expert_param_variance": mean_param_variance(diversity["expert_param_variance"]),
                    "config": {"args": {k: v for k, v in vars(args).items()}, "deepspeed": ds_config}}
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
