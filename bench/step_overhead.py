@@ -27,6 +27,7 @@ SKIP_STEP = 5
 
 
 def launch_self(args):
+    # Not collectives.free_local_port: importing omoe_ds imports deepspeed, which logs to stdout before our JSON.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -94,14 +94,18 @@ def sum_over_world_(tensor: torch.Tensor) -> torch.Tensor:
 LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
+def free_local_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now, for a master address of our own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(dist_init_required=None) -> None:
     """deepspeed.init_distributed, plus a one-process gloo group when no launcher, MPI or Slurm set the
     rank: DeepSpeed would otherwise fall into MPI discovery and fail on a missing mpi4py."""
     if not torch.distributed.is_initialized() and not any(k in os.environ for k in LAUNCHER_ENV):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_local_port())), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
             os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_init_required=dist_init_required)

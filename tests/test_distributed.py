@@ -6,12 +6,13 @@ The scenarios live in tests/dist_worker.py; each suite is one `deepspeed` launch
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from omoe_ds.collectives import free_local_port
 
 from omoe_ds.diversity import expert_diversity
 from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
@@ -23,15 +24,9 @@ TOL = 1e-6
 GLOBAL_BATCH_TOKENS = 16 * 6  # dist_worker: GLOBAL_BATCH sequences of seq_len tokens
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(suite: str, num_ranks: int, out_dir) -> None:
     deepspeed_cli = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed_cli, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+    cmd = [deepspeed_cli, "--num_gpus", str(num_ranks), "--master_port", str(free_local_port()),
            os.path.join(HERE, "dist_worker.py"), "--suite", suite, "--out", str(out_dir)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

