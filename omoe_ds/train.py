@@ -12,7 +12,6 @@ and DeepSpeed monitor output (TensorBoard and CSV).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
