@@ -119,6 +119,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
 def gather_objects(obj) -> list:
     """Every rank's picklable object, in rank order (evaluation outputs of sharded eval sets)."""
     if world_size() == 1:

@@ -1,0 +1,391 @@
+"""DeepSpeed checkpoints that carry OMoE's state, resume exactly, and survive a job killed mid-save.
+
+    tag = omoe_ds.save_checkpoint(engine, "runs/x/checkpoints", client_state={"data": ...})
+    client_state = omoe_ds.load_checkpoint(engine, "runs/x/checkpoints")  # latest *complete* tag
+
+A tag directory holds DeepSpeed's own files (weights, per-expert files, optimizer state, lr
+scheduler, step counters) and ours, in separate files so that DeepSpeed's checkpoint filters (it
+drops non-expert state keys containing "expert") never see them:
+- `omoe_meta.pt` (rank 0): topology, parameter shapes, OMoE config, counters and S per layer;
+- `omoe_proj_layer{L}_e{g}.pt`: projectors of global expert g, written by its first EDP replica;
+- `omoe_rank{r}.pt`: rank r's open-window sums/counts (partial sums: each EDP replica records its
+  own tokens), its RNG states, and its optimizer groups' parameter names (for resharding);
+- `hf_model/`: the Hugging Face config (with `omoe_moe`) and tokenizer, when given;
+- `omoe_complete.json`: written last, atomically, by rank 0 after every rank's files are on
+  disk, listing every file with its size. A tag without it (a job died during the save) is never
+  taken as the latest, whatever DeepSpeed's own `latest` file says.
+Checkpoints are taken at gradient-accumulation boundaries only: DeepSpeed does not save
+half-accumulated gradients.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import collectives
+from .config import OMoEConfigError
+from .moe_layers import MoELayerInfo, find_moe_layers
+
+FORMAT_VERSION = 1
+COMPLETE_MARKER = "omoe_complete.json"
+META_FILE = "omoe_meta.pt"
+HF_DIR = "hf_model"
+EXPERT_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
+NON_EXPERT_FILE = "mp_rank_00_model_states.pt"
+FAULT_ENV = "OMOE_DS_FAULT"  # test hook: "kill_in_save:STEP:RANK" SIGKILLs that rank at that point
+
+
+class CheckpointError(OMoEConfigError):
+    """A checkpoint that does not fit the job, or is incomplete; raised before anything is loaded."""
+
+
+def projector_file(layer: int, global_expert: int) -> str:
+    return f"omoe_proj_layer{layer}_e{global_expert}.pt"
+
+
+def rank_file(rank: int) -> str:
+    return f"omoe_rank{rank}.pt"
+
+
+def expert_file(layer: int, global_expert: int) -> str:
+    """DeepSpeed's per-expert weight file (engine._get_expert_ckpt_name, model-parallel rank 0)."""
+    return f"layer_{layer}_expert_{global_expert}_mp_rank_00_model_states.pt"
+
+
+# ---- names that do not depend on the expert-parallel size -----------------------------------------
+def global_parameter_names(model: torch.nn.Module, layers: List[MoELayerInfo]) -> Dict[int, str]:
+    """{id(param): name}, experts named by global id as in DeepSpeed's expert files."""
+    names = {}
+    for name, p in model.named_parameters():
+        names[id(p)] = name
+    for layer in layers:
+        first = collectives.ep_rank(layer.ep_size) * layer.num_local_experts
+        prefix = f"{layer.name}{EXPERT_INFIX}"
+        for name, p in layer.module.named_parameters(prefix=layer.name):
+            if name.startswith(prefix):
+                local, rest = name[len(prefix):].split(".", 1)
+                names[id(p)] = f"{prefix}{first + int(local)}.{rest}"
+    return names
+
+
+def expert_name_parts(name: str):
+    """(module prefix, global expert id, rest) of an expert parameter name, else None."""
+    m = re.match(rf"(.*){re.escape(EXPERT_INFIX)}(\d+)\.(.*)", name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+# ---- discovery ----------------------------------------------------------------------------------
+def read_marker(tag_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(tag_dir, COMPLETE_MARKER)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def complete_tags(save_dir: str) -> List[str]:
+    """Complete tags in save_dir, oldest first (by global step)."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = []
+    for tag in os.listdir(save_dir):
+        if not os.path.isdir(os.path.join(save_dir, tag)):
+            continue
+        marker = read_marker(os.path.join(save_dir, tag))
+        if marker is not None:
+            found.append((marker.get("global_steps", -1), tag))
+    return [tag for _, tag in sorted(found)]
+
+
+def latest_complete_tag(save_dir: str) -> Optional[str]:
+    tags = complete_tags(save_dir)
+    return tags[-1] if tags else None
+
+
+def resolve_tag_dir(path: str, tag: Optional[str] = None) -> str:
+    """A tag directory from a save dir (its latest complete tag) or a tag dir itself."""
+    if tag is not None:
+        tag_dir = os.path.join(path, tag)
+    elif os.path.exists(os.path.join(path, COMPLETE_MARKER)) or os.path.exists(os.path.join(path, NON_EXPERT_FILE)):
+        tag_dir = path
+    else:
+        latest = latest_complete_tag(path)
+        if latest is None:
+            present = sorted(os.listdir(path)) if os.path.isdir(path) else None
+            raise CheckpointError(
+                f"{path}: no complete checkpoint (no tag directory holds {COMPLETE_MARKER}); "
+                + ("the directory does not exist" if present is None else f"it holds {present[:10]}")
+                + ". Pass a save dir written by omoe_ds.save_checkpoint, or a tag dir")
+        tag_dir = os.path.join(path, latest)
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"{tag_dir}: no such checkpoint directory")
+    return tag_dir
+
+
+# ---- save ---------------------------------------------------------------------------------------
+def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
+                    model_config=None, tokenizer=None) -> str:
+    """engine.save_checkpoint plus OMoE's state, RNG states and a completion marker. Every rank calls
+    it. Returns the tag directory."""
+    gas = engine.gradient_accumulation_steps()
+    if engine.micro_steps % gas:
+        raise CheckpointError(
+            f"save_checkpoint at micro step {engine.micro_steps} is inside a gradient-accumulation window "
+            f"(gradient_accumulation_steps={gas}): DeepSpeed does not save half-accumulated gradients; "
+            "save after engine.step() has completed an optimizer step")
+    tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
+    tag_dir = os.path.join(save_dir, tag)
+    rank = collectives.rank()
+    layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
+    if rank == 0:
+        os.makedirs(tag_dir, exist_ok=True)
+        if os.path.exists(os.path.join(tag_dir, COMPLETE_MARKER)):
+            os.remove(os.path.join(tag_dir, COMPLETE_MARKER))  # rewriting a tag: incomplete until done
+    collectives.barrier()
+
+    names = global_parameter_names(engine.module, layers)
+    rank_state = {"format": FORMAT_VERSION, "rank": rank, "world_size": collectives.world_size(),
+                  "rng": _rng_state(),
+                  "optimizer_param_names": [[names[id(p)] for p in g["params"]]
+                                            for g in _torch_optimizer(engine).param_groups]}
+    if engine.omoe is not None:
+        omoe = engine.omoe
+        rank_state["windows"] = [{"global_ids": [omoe.global_expert_id(L, l) for l in range(layer.num_local_experts)],
+                                  "sums": [s.clone() for s in omoe.windows[L].sums],
+                                  "counts": omoe.windows[L].counts.clone()}
+                                 for L, layer in enumerate(layers)]
+        for L, layer in enumerate(layers):
+            if rank // layer.ep_size == 0:  # the first replica of these experts writes their projectors
+                for l in range(layer.num_local_experts):
+                    torch.save({"w1": omoe.P[L][l][0], "w2": omoe.P[L][l][1]},
+                               os.path.join(tag_dir, projector_file(L, omoe.global_expert_id(L, l))))
+    torch.save(rank_state, os.path.join(tag_dir, rank_file(rank)))
+    if rank == 0:
+        torch.save(_meta(engine, layers, names), os.path.join(tag_dir, META_FILE))
+        if model_config is not None:
+            model_config.save_pretrained(os.path.join(tag_dir, HF_DIR))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tag_dir, HF_DIR))
+
+    engine.save_checkpoint(save_dir, tag, client_state=client_state or {})  # ends with a barrier
+    fault_point("kill_in_save", engine.global_steps)
+    if rank == 0:
+        files = {}
+        for root, _, filenames in os.walk(tag_dir):
+            for name in filenames:
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, tag_dir)] = os.path.getsize(path)
+        write_json_atomic(os.path.join(tag_dir, COMPLETE_MARKER),
+                          {"format": FORMAT_VERSION, "tag": tag, "global_steps": engine.global_steps,
+                           "world_size": collectives.world_size(), "files": files})
+    collectives.barrier()
+    return tag_dir
+
+
+def prune_checkpoints(save_dir: str, keep: int) -> None:
+    """Rank 0, after a complete save: drop all but the newest `keep` complete tags (0 keeps all)."""
+    if keep > 0 and collectives.rank() == 0:
+        import shutil
+        for tag in complete_tags(save_dir)[:-keep]:
+            os.remove(os.path.join(save_dir, tag, COMPLETE_MARKER))  # first, so a half-deleted tag is never complete
+            shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+
+
+def write_json_atomic(path: str, payload) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _torch_optimizer(engine):
+    """The torch optimizer whose param_groups hold the model's parameters (ZeRO keeps them in bit16 groups)."""
+    opt = engine.optimizer
+    for attr in ("bit16_groups", "bf16_groups"):  # ZeRO 1/2 and bf16: param_groups hold flat fp32 partitions
+        if hasattr(opt, attr):
+            return _GroupView([{"params": g} for g in getattr(opt, attr)])
+    return opt
+
+
+class _GroupView:
+    def __init__(self, param_groups):
+        self.param_groups = param_groups
+
+
+def _meta(engine, layers: List[MoELayerInfo], names: Dict[int, str]) -> dict:
+    from deepspeed.moe.utils import is_moe_param
+    omoe = engine.omoe
+    hf_config = getattr(engine.module, "config", None)
+    meta = {"format": FORMAT_VERSION, "world_size": collectives.world_size(), "global_steps": engine.global_steps,
+            "zero_stage": engine.zero_optimization_stage(),
+            "model_class": type(engine.module).__name__,
+            "model_type": getattr(hf_config, "model_type", None),
+            "dense_shapes": {names[id(p)]: list(p.shape) for p in engine.module.parameters() if not is_moe_param(p)},
+            "layers": [{"name": layer.name, "num_experts": layer.num_experts, "ep_size": layer.ep_size,
+                        "shapes": [[lin.out_features, lin.in_features] for lin in layer.local_experts[0]]}
+                       for layer in layers],
+            "omoe": None}
+    if omoe is not None:
+        meta["omoe"] = {"config": dataclasses.asdict(omoe.config), "o_steps_done": omoe.o_steps_done,
+                        "prepared_step": omoe.prepared_step, "S": [[S.clone() for S in per_w] for per_w in omoe.S]}
+    return meta
+
+
+def _rng_state() -> dict:
+    from deepspeed.accelerator import get_accelerator
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if get_accelerator().device_name() != "cpu":
+        state["accelerator"] = get_accelerator().get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def fault_point(name: str, step: int) -> None:
+    """Crash tests only: SIGKILL this rank here when OMOE_DS_FAULT names this point, step and rank."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec:
+        fault, at_step, at_rank = spec.split(":")
+        if fault == name and int(at_step) == step and int(at_rank) == collectives.rank():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def check_checkpoint(engine, tag_dir: str) -> dict:
+    """Every mismatch between the checkpoint and this job, as one CheckpointError naming the file;
+    nothing is read into the engine and nothing in tag_dir is changed. Returns the meta dict."""
+    marker = read_marker(tag_dir)
+    if marker is None:
+        latest = latest_complete_tag(os.path.dirname(tag_dir.rstrip("/")))
+        raise CheckpointError(
+            f"{tag_dir} is incomplete: it has no {COMPLETE_MARKER}, so the job that wrote it died during the save"
+            + (f"; the latest complete checkpoint is {latest}" if latest else "") + ". Load a complete tag")
+    for name, size in marker["files"].items():
+        path = os.path.join(tag_dir, name)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path} is missing from the checkpoint (listed in {COMPLETE_MARKER}); "
+                                  "restore it or load another tag")
+        if os.path.getsize(path) != size:
+            raise CheckpointError(f"{path} has {os.path.getsize(path)} bytes but was written with {size}: "
+                                  "it was changed or truncated after the save; load another tag")
+    meta_path = os.path.join(tag_dir, META_FILE)
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"{meta_path} is missing: {tag_dir} was not written by omoe_ds.save_checkpoint")
+    meta = torch.load(meta_path, weights_only=False)
+    layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
+    if meta["model_class"] != type(engine.module).__name__ or (
+            meta["model_type"] != getattr(getattr(engine.module, "config", None), "model_type", None)):
+        raise CheckpointError(f"{meta_path}: saved from a {meta['model_class']} (model_type {meta['model_type']}), "
+                              f"but this job's model is a {type(engine.module).__name__}; load it into the same "
+                              "architecture")
+    if len(meta["layers"]) != len(layers):
+        raise CheckpointError(f"{meta_path}: the checkpoint has {len(meta['layers'])} MoE layers, this model "
+                              f"{len(layers)}; use the same --moe-layers")
+    for L, (saved, layer) in enumerate(zip(meta["layers"], layers)):
+        shapes = [[lin.out_features, lin.in_features] for lin in layer.local_experts[0]]
+        if saved["num_experts"] != layer.num_experts:
+            raise CheckpointError(f"{meta_path}: MoE layer {L} ({layer.name}) has {saved['num_experts']} experts in "
+                                  f"the checkpoint but {layer.num_experts} in this model; use --experts "
+                                  f"{saved['num_experts']}")
+        if saved["shapes"] != shapes:
+            raise CheckpointError(f"{meta_path}: MoE layer {L} expert Linear shapes {saved['shapes']} in the "
+                                  f"checkpoint, {shapes} in this model")
+        for g in range(saved["num_experts"]):
+            path = os.path.join(tag_dir, expert_file(L, g))
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path} is missing: MoE layer {L} needs one file per expert "
+                                      f"(0…{saved['num_experts'] - 1})")
+    names = global_parameter_names(engine.module, layers)
+    from deepspeed.moe.utils import is_moe_param
+    here = {names[id(p)]: list(p.shape) for p in engine.module.parameters() if not is_moe_param(p)}
+    if here != meta["dense_shapes"]:
+        saved = meta["dense_shapes"]
+        diff = ([f"missing here: {n}" for n in sorted(set(saved) - set(here))]
+                + [f"not in the checkpoint: {n}" for n in sorted(set(here) - set(saved))]
+                + [f"{n}: {saved[n]} saved, {here[n]} here" for n in sorted(set(here) & set(saved)) if here[n] != saved[n]])
+        raise CheckpointError(f"{meta_path}: the checkpoint's dense parameters differ from this model's "
+                              f"({'; '.join(diff[:4])}); load it into the same architecture")
+    if engine.omoe is not None and meta["omoe"] is None:
+        raise CheckpointError(f"{meta_path}: the checkpoint holds no OMoE state (it was saved with omoe disabled), "
+                              "but this job has omoe enabled; set \"omoe\": {\"enabled\": false} to continue it as "
+                              "saved")
+    topology_saved = (meta["world_size"], [layer["ep_size"] for layer in meta["layers"]])
+    topology_here = (collectives.world_size(), [layer.ep_size for layer in layers])
+    if topology_saved != topology_here and not meta.get("universal"):
+        raise CheckpointError(
+            f"{tag_dir} was saved on {topology_saved[0]} ranks with ep_size {topology_saved[1]}, this job runs "
+            f"{topology_here[0]} ranks with ep_size {topology_here[1]}; reshard it first: python -m omoe_ds.reshard "
+            f"--src {tag_dir} --dst NEW_DIR --ep-size {topology_here[1][0] if topology_here[1] else 1} "
+            f"--world-size {topology_here[0]}")
+    if engine.omoe is not None:
+        for L, layer in enumerate(layers):
+            for g in range(layer.num_experts):
+                path = os.path.join(tag_dir, projector_file(L, g))
+                if not os.path.exists(path):
+                    raise CheckpointError(f"{path} is missing: OMoE needs every expert's projectors")
+        path = os.path.join(tag_dir, rank_file(collectives.rank()))
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path} is missing: rank {collectives.rank()}'s OMoE window state")
+    return meta
+
+
+def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_optimizer_states: bool = True,
+                    load_lr_scheduler_states: bool = True) -> dict:
+    """Load a checkpoint written by save_checkpoint (the latest complete tag when tag is None) into
+    the engine, OMoE state and RNG included; returns the client_state. A resharded checkpoint
+    (python -m omoe_ds.reshard) is loaded onto this job's topology."""
+    tag_dir = resolve_tag_dir(load_dir, tag)
+    meta = check_checkpoint(engine, tag_dir)
+    if meta.get("universal"):
+        from .reshard import load_universal
+        client_state = load_universal(engine, tag_dir, meta, load_optimizer_states, load_lr_scheduler_states)
+    else:
+        save_dir, tag = os.path.split(tag_dir.rstrip("/"))
+        path, client_state = engine.load_checkpoint(save_dir, tag, load_optimizer_states=load_optimizer_states,
+                                                    load_lr_scheduler_states=load_lr_scheduler_states)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+    rank_state = torch.load(os.path.join(tag_dir, rank_file(collectives.rank())), weights_only=False)
+    if engine.omoe is not None:
+        _load_omoe_state(engine.omoe, tag_dir, meta, rank_state)
+    _restore_rng(rank_state["rng"])
+    return client_state or {}
+
+
+@torch.no_grad()
+def _load_omoe_state(omoe, tag_dir: str, meta: dict, rank_state: dict) -> None:
+    saved = meta["omoe"]
+    omoe.o_steps_done = saved["o_steps_done"]
+    omoe.prepared_step = saved["prepared_step"]
+    for L, layer in enumerate(omoe.layers):
+        for w in range(2):
+            omoe.S[L][w].copy_(saved["S"][L][w])
+        for l in range(layer.num_local_experts):
+            g = omoe.global_expert_id(L, l)
+            P = torch.load(os.path.join(tag_dir, projector_file(L, g)), weights_only=True)
+            omoe.P[L][l][0].copy_(P["w1"])
+            omoe.P[L][l][1].copy_(P["w2"])
+        window = rank_state["windows"][L]
+        if window["global_ids"] != [omoe.global_expert_id(L, l) for l in range(layer.num_local_experts)]:
+            raise CheckpointError(f"{os.path.join(tag_dir, rank_file(collectives.rank()))}: window of MoE layer {L} "
+                                  f"holds experts {window['global_ids']}, not this rank's")
+        for w in range(2):
+            omoe.windows[L].sums[w].copy_(window["sums"][w])
+        omoe.windows[L].counts.copy_(window["counts"])

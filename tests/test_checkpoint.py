@@ -1,0 +1,188 @@
+"""Checkpoints: a run stopped at step k and resumed ends bit-identical to the uninterrupted run
+(parameters, optimizer state, projectors, S, windows, counters), and every checkpoint that does not
+fit the job is refused with one error naming the file, leaving the checkpoint untouched."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import omoe_ds
+from omoe_ds.checkpoint import (COMPLETE_MARKER, CheckpointError, expert_file, latest_complete_tag, load_checkpoint,
+                                save_checkpoint)
+from omoe_ds.collectives import free_local_port
+from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CASES = ["before_o", "after_o", "zero0", "gas2"]
+
+
+def launch(suite, out):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(free_local_port()), os.path.join(HERE, "ckpt_worker.py"), "--suite", suite, "--out", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    launch("save", out)
+    launch("resume", out)
+    return out
+
+
+def differences(a, b, path=""):
+    """Paths where two nested structures of tensors differ in any bit."""
+    if isinstance(a, torch.Tensor):
+        return [] if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) else [path]
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(set(a) ^ set(b), key=str)}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    if hasattr(a, "__dict__") and type(a) is type(b):  # DeepSpeed's loss scaler
+        return differences(vars(a), vars(b), path)
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", CASES)
+def test_resumed_run_is_bit_identical(runs, case):
+    for rank in (0, 1):
+        full = torch.load(runs / f"full_{case}.rank{rank}.pt", weights_only=False)
+        resumed = torch.load(runs / f"resumed_{case}.rank{rank}.pt", weights_only=False)
+        assert full["counters"] == [13, 2, 10]  # global steps, O steps done, last O step prepared
+        assert full["projectors"] and full["optimizer"]
+        assert differences(full, resumed) == [], case
+
+
+@pytest.mark.distributed
+def test_resume_is_not_trivially_equal(runs):
+    """The comparison can fail: the state at k differs from the state at the end."""
+    full = torch.load(runs / "full_after_o.rank0.pt", weights_only=False)
+    saved = torch.load(runs / "ckpt_after_o" / "global_step6" / "omoe_proj_layer0_e0.pt")
+    assert not torch.equal(saved["w1"], full["projectors"]["layer0.expert0.w1"])
+
+
+@pytest.mark.distributed
+def test_saving_inside_an_accumulation_window_is_refused(runs):
+    for rank in (0, 1):
+        assert "inside a gradient-accumulation window" in (runs / f"mid_gas.rank{rank}.txt").read_text()
+    assert not (runs / "ckpt_mid_gas").exists()
+
+
+@pytest.mark.distributed
+def test_topology_change_asks_for_reshard(runs, single_process_group, tmp_path):
+    engine = build_engine()
+    tag_dir = runs / "ckpt_after_o" / "global_step6"
+    before = fingerprint(tag_dir)
+    with pytest.raises(CheckpointError, match=r"saved on 2 ranks with ep_size \[2, 2\].*1 ranks.*omoe_ds.reshard"):
+        load_checkpoint(engine, str(runs / "ckpt_after_o"))
+    assert fingerprint(tag_dir) == before
+
+
+# ---- one process: errors --------------------------------------------------------------------------
+SPEC = SmallMoESpec(d_in=8, d_model=16, d_ff=24, num_layers=2, num_experts=4, num_classes=4, seq_len=6)
+
+
+def build_engine(spec=SPEC, omoe=True, seed=0):
+    torch.manual_seed(seed)
+    model = SmallMoEClassifier(spec, ep_size=1)
+    config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "steps_per_print": 10 ** 9,
+              "zero_optimization": {"stage": 0}, "omoe": {"enabled": omoe, "skip_step": 2}}
+    os.environ["LOCAL_RANK"] = "0"  # DeepSpeed's engine asks for it; the launches below set their own
+    try:
+        engine, *_ = omoe_ds.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                        config=config)
+    finally:
+        del os.environ["LOCAL_RANK"]
+    x, y = make_task(spec, 64, seed=1)
+    engine.train()
+    for step in range(4):
+        engine.backward(engine(x[step * 8:(step + 1) * 8], y[step * 8:(step + 1) * 8]))
+        engine.step()
+    return engine
+
+
+def fingerprint(directory):
+    digest = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            digest[os.path.relpath(path, directory)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return digest
+
+
+@pytest.fixture(scope="module")
+def saved(single_process_group, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    save_checkpoint(build_engine(), str(root / "omoe"))
+    save_checkpoint(build_engine(omoe=False), str(root / "plain"))
+    return root
+
+
+def copy_of(saved, tmp_path, which="omoe"):
+    shutil.copytree(saved / which, tmp_path / which)
+    return tmp_path / which
+
+
+def test_one_process_round_trip_restores_every_omoe_tensor(saved, single_process_group):
+    source = build_engine()
+    engine = build_engine(seed=5)
+    load_checkpoint(engine, str(saved / "omoe"))
+    assert engine.global_steps == 4 and engine.omoe.o_steps_done == source.omoe.o_steps_done == 1
+    assert differences(engine.omoe.projectors_by_global_id(), source.omoe.projectors_by_global_id()) == []
+    assert differences(engine.omoe.S, source.omoe.S) == []
+    assert differences([w.sums + [w.counts] for w in engine.omoe.windows],
+                       [w.sums + [w.counts] for w in source.omoe.windows]) == []
+    assert any(w.counts.sum() > 0 for w in engine.omoe.windows)  # step 2 was an O step, step 3 an R step that recorded
+
+
+@pytest.mark.parametrize("mutation,match", [
+    ("experts", r"omoe_meta.pt: MoE layer 0 .* has 4 experts in the checkpoint but 2 in this model"),
+    ("architecture", r"omoe_meta.pt: .*dense parameters differ"),
+    ("missing_expert_file", r"layer_1_expert_2_mp_rank_00_model_states.pt is missing"),
+    ("truncated_file", r"omoe_proj_layer0_e1.pt has \d+ bytes but was written with \d+"),
+    ("incomplete", r"global_step4 is incomplete: it has no omoe_complete.json"),
+    ("no_omoe_state", r"holds no OMoE state .* omoe enabled"),
+])
+def test_checkpoints_that_do_not_fit_are_refused_untouched(saved, single_process_group, tmp_path, mutation, match):
+    ckpt = copy_of(saved, tmp_path, "plain" if mutation == "no_omoe_state" else "omoe")
+    tag_dir = ckpt / "global_step4"
+    spec = SPEC
+    if mutation == "experts":
+        spec = SmallMoESpec(**{**SPEC.__dict__, "num_experts": 2})
+    elif mutation == "architecture":
+        spec = SmallMoESpec(**{**SPEC.__dict__, "num_classes": 5})
+    elif mutation == "missing_expert_file":
+        os.remove(tag_dir / expert_file(1, 2))
+    elif mutation == "truncated_file":
+        path = tag_dir / "omoe_proj_layer0_e1.pt"
+        path.write_bytes(path.read_bytes()[:100])
+    elif mutation == "incomplete":
+        os.remove(tag_dir / COMPLETE_MARKER)
+    engine = build_engine(spec)
+    before = fingerprint(ckpt)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(engine, str(ckpt), tag="global_step4")
+    assert fingerprint(ckpt) == before
+
+
+def test_latest_complete_tag_skips_a_save_that_died(saved, single_process_group, tmp_path):
+    """DeepSpeed's `latest` names the new tag as soon as its files exist; the marker comes last."""
+    ckpt = copy_of(saved, tmp_path)
+    shutil.copytree(ckpt / "global_step4", ckpt / "global_step9")
+    os.remove(ckpt / "global_step9" / COMPLETE_MARKER)
+    (ckpt / "latest").write_text("global_step9")
+    assert latest_complete_tag(str(ckpt)) == "global_step4"
+    engine = build_engine(seed=7)
+    load_checkpoint(engine, str(ckpt))
+    assert engine.global_steps == 4
