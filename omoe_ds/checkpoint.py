@@ -55,6 +55,11 @@ def rank_file(rank: int) -> str:
     return f"omoe_rank{rank}.pt"
 
 
+def universal_expert_file(layer: int, global_expert: int) -> str:
+    """An expert's consolidated parameters and optimizer state in a resharded checkpoint."""
+    return f"universal_layer{layer}_e{global_expert}.pt"
+
+
 def expert_file(layer: int, global_expert: int) -> str:
     """DeepSpeed's per-expert weight file (engine._get_expert_ckpt_name, model-parallel rank 0)."""
     return f"layer_{layer}_expert_{global_expert}_mp_rank_00_model_states.pt"
@@ -175,8 +180,9 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tag_dir, HF_DIR))
 
-    engine.save_checkpoint(save_dir, tag, client_state=client_state or {})  # ends with a barrier
+    engine.save_checkpoint(save_dir, tag, client_state=client_state or {})  # writes `latest` before its last barrier
     fault_point("kill_in_save", engine.global_steps)
+    collectives.barrier()  # every rank is past its writes: only now is the tag complete
     if rank == 0:
         files = {}
         for root, _, filenames in os.walk(tag_dir):
@@ -308,7 +314,7 @@ def check_checkpoint(engine, tag_dir: str) -> dict:
             raise CheckpointError(f"{meta_path}: MoE layer {L} expert Linear shapes {saved['shapes']} in the "
                                   f"checkpoint, {shapes} in this model")
         for g in range(saved["num_experts"]):
-            path = os.path.join(tag_dir, expert_file(L, g))
+            path = os.path.join(tag_dir, universal_expert_file(L, g) if meta.get("universal") else expert_file(L, g))
             if not os.path.exists(path):
                 raise CheckpointError(f"{path} is missing: MoE layer {L} needs one file per expert "
                                       f"(0…{saved['num_experts'] - 1})")
@@ -328,10 +334,10 @@ def check_checkpoint(engine, tag_dir: str) -> dict:
                               "saved")
     topology_saved = (meta["world_size"], [layer["ep_size"] for layer in meta["layers"]])
     topology_here = (collectives.world_size(), [layer.ep_size for layer in layers])
-    if topology_saved != topology_here and not meta.get("universal"):
+    if topology_saved != topology_here:
         raise CheckpointError(
             f"{tag_dir} was saved on {topology_saved[0]} ranks with ep_size {topology_saved[1]}, this job runs "
-            f"{topology_here[0]} ranks with ep_size {topology_here[1]}; reshard it first: python -m omoe_ds.reshard "
+            f"{topology_here[0]} ranks with ep_size {topology_here[1]}; reshard it for this job: python -m omoe_ds.reshard "
             f"--src {tag_dir} --dst NEW_DIR --ep-size {topology_here[1][0] if topology_here[1] else 1} "
             f"--world-size {topology_here[0]}")
     if engine.omoe is not None:

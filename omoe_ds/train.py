@@ -12,6 +12,7 @@ and DeepSpeed monitor output (TensorBoard and CSV).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -25,8 +26,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import collectives, initialize
+from .checkpoint import CheckpointError, fault_point, latest_complete_tag, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import OMoEConfigError, resolve_ds_config
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
+from .export import is_export, load_exported
 from .diversity import (ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity, mean_param_variance,
                         param_variance_by_layer)
 from .features import encode_task, evaluate_predictions, model_input_columns
@@ -77,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default="runs/default")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="optimizer steps between checkpoints in --output-dir/checkpoints (and one at the end); 0 = none")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest complete checkpoints kept; 0 keeps all")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in --output-dir/checkpoints, same batches")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
@@ -97,10 +105,29 @@ def check_args(args) -> None:
             raise OMoEConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
     if args.max_steps is not None and args.max_steps < 1:
         raise OMoEConfigError(f"--max-steps={args.max_steps} must be >= 1")
+    for name in ("save_every", "keep_checkpoints"):
+        if getattr(args, name) < 0:
+            raise OMoEConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    if args.resume:
+        if args.overwrite:
+            raise OMoEConfigError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
+        if os.path.exists(os.path.join(args.output_dir, "results.json")):
+            raise OMoEConfigError(f"--resume: the run in {args.output_dir} already finished (results.json); "
+                                  "nothing to resume")
+        if latest_complete_tag(checkpoint_dir(args)) is None:
+            raise OMoEConfigError(f"--resume: no complete checkpoint in {checkpoint_dir(args)}; start the run "
+                                  "without --resume (and with --save-every N to write checkpoints)")
+        return
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(args.output_dir, f))]
+    if os.path.isdir(checkpoint_dir(args)) and os.listdir(checkpoint_dir(args)):
+        earlier.append("checkpoints/")
     if earlier and not args.overwrite:
         raise OMoEConfigError(f"--output-dir {args.output_dir} already holds a run ({', '.join(earlier)}); "
                               "choose another directory or pass --overwrite to replace it")
+
+
+def checkpoint_dir(args) -> str:
+    return os.path.join(args.output_dir, "checkpoints")
 
 
 def resolve_model_path(name: str) -> str:
@@ -137,6 +164,16 @@ def seed_everything(seed: int) -> None:
 
 
 def load_model(spec, model_path: str, args):
+    if is_export(model_path):  # an omoe_ds.export directory: already MoE, its layout is fixed
+        moe = json.load(open(os.path.join(model_path, "config.json")))["omoe_moe"]
+        if args.experts != moe["num_experts"] or args.top_k != moe["k"]:
+            raise OMoEConfigError(f"--model {model_path} is an exported MoE model with {moe['num_experts']} experts, "
+                                  f"top-{moe['k']}; pass --experts {moe['num_experts']} --top-k {moe['k']}")
+        model = load_exported(model_path, ep_size=args.ep_size, head=spec.head, bind_groups=False)
+        if getattr(model.config, "num_labels", spec.num_labels) != spec.num_labels and spec.head != "question_answering":
+            raise OMoEConfigError(f"--model {model_path} has {model.config.num_labels} labels, task {spec.name} "
+                                  f"{spec.num_labels}")
+        return model
     import transformers
     head_class = getattr(transformers, HEAD_CLASSES[spec.head])
     kwargs = {"num_labels": spec.num_labels}
@@ -213,29 +250,45 @@ def main(argv=None):
     complete_ds_config(ds_config, args, steps_total)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    if rank == 0:
+    if rank == 0 and not args.resume:
         for name in RUN_FILES:  # only reached with --overwrite when an earlier run is there
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
+        if os.path.isdir(checkpoint_dir(args)):
+            import shutil
+            shutil.rmtree(checkpoint_dir(args))
     optimizer = BASE_OPTIMIZERS[base](model.parameters(), args.lr, args.weight_decay)
     engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=ds_config)
 
     columns = model_input_columns(train_set)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(train_set.with_format("torch", columns=columns), batch_size=micro, sampler=sampler, drop_last=True)
+    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's dropout differs.
+    loader = DataLoader(train_set.with_format("torch", columns=columns), batch_size=micro, sampler=sampler,
+                        drop_last=True, generator=torch.Generator().manual_seed(args.seed))
     layers = find_moe_layers(engine.module)
     load_counter = ExpertLoadCounter(layers)
     input_sample = LayerInputSample(layers)  # dev tokens each MoE layer saw: the input its experts are compared on
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     eval_every = args.eval_every or steps_per_epoch
-    losses = []
+    losses, epoch, skip, seconds_before = [], 0, 0, 0.0
+    if args.resume:
+        state = load_checkpoint(engine, checkpoint_dir(args))
+        epoch, skip = state["data"]["epoch"], state["data"]["batches_done"]
+        losses, seconds_before = state["losses"], state["train_seconds"]
+        if rank == 0:
+            with open(metrics_path, "a") as f:  # records after this step may repeat: readers take the last per step
+                f.write(json.dumps({"step": engine.global_steps, "event": "resumed"}) + "\n")
     start = time.perf_counter()
-    progress = tqdm(total=steps_total, disable=rank != 0, desc=f"{args.task} {args.optimizer}", dynamic_ncols=True)
-    epoch = 0
+    progress = tqdm(total=steps_total, initial=engine.global_steps, disable=rank != 0,
+                    desc=f"{args.task} {args.optimizer}", dynamic_ncols=True)
     engine.train()  # from_pretrained returns the model in eval mode: no dropout, no OMoE input capture
     while engine.global_steps < steps_total:
         sampler.set_epoch(epoch)
-        for batch in loader:
+        batches_done = skip
+        for batch in itertools.islice(loader, skip, None):
+            skip = 0
+            batches_done += 1
+            fault_point("kill_in_step", engine.global_steps)
             out = engine(**batch)
             loss = out.loss + args.aux_loss_coef * moe_aux_loss(engine.module) if args.aux_loss_coef else out.loss
             engine.backward(loss)
@@ -259,11 +312,19 @@ def main(argv=None):
                         engine.monitor.write_events([(f"Eval/dev/{k}", v, engine.global_samples)
                                                      for k, v in record["dev"].items()]
                                                     + diversity_events(record["diversity"], engine.global_samples))
+                if args.save_every and (step % args.save_every == 0 or step == steps_total):
+                    save_checkpoint(engine, checkpoint_dir(args), client_state={
+                        "data": {"epoch": epoch, "batches_done": batches_done},
+                        "losses": losses[-eval_every * gas:],
+                        "train_seconds": seconds_before + time.perf_counter() - start},
+                        model_config=engine.module.config, tokenizer=tokenizer)
+                    prune_checkpoints(checkpoint_dir(args), args.keep_checkpoints)
             if step >= steps_total:
                 break
+        skip = 0
         epoch += 1
     progress.close()
-    train_seconds = time.perf_counter() - start
+    train_seconds = seconds_before + time.perf_counter() - start
 
     load_counter.enabled = input_sample.enabled = True
     final = {"dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}

@@ -3,7 +3,9 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port 29630 tests/ckpt_worker.py --suite save --out /tmp/c
 
 `save` trains uninterrupted runs and runs stopped (saved) at step k; `resume` starts fresh engines
-from those checkpoints and finishes them. Every run dumps, per rank, its parameters, projectors, S,
+from those checkpoints and finishes them. `save`/`save1` also save at RESHARD_AT on 2 ranks at EP=2
+and on 1 rank, and go on; `python -m omoe_ds.reshard` moves each to the other topology, where
+`resume`/`resume1` continue them. Every run dumps, per rank, its parameters, projectors, S,
 windows and full optimizer state, so the test compares them bit for bit.
 """
 import argparse
@@ -18,6 +20,7 @@ from omoe_ds.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from omoe_ds.small_job import micro_batches
 
 STEPS = 13  # O steps at 5 and 10
+RESHARD_AT, RESHARD_END = 8, 19  # 11 more steps after the move, O steps at 10 and 15
 CASES = {  # name: (ZeRO stage, gradient accumulation, stop step k)
     "before_o": (2, 1, 5),   # the next step is an O step: the window is full and not yet closed
     "after_o": (2, 1, 6),    # step 5 (an O step) has just run
@@ -40,6 +43,48 @@ def dump(out, name, engine):
     windows = [[*w.sums, w.counts] for w in omoe.windows]
     save(out, name, engine, optimizer=engine.optimizer.state_dict(), windows=windows,
          counters=[engine.global_steps, omoe.o_steps_done, omoe.prepared_step])
+
+
+def live_fragments(engine) -> dict:
+    """{global name: [(offset in the parameter, {"param", "exp_avg", "exp_avg_sq"})]}: this rank's ZeRO slices,
+    read through the engine's live parameter→partition links (not through the files), or whole tensors."""
+    from omoe_ds.checkpoint import global_parameter_names
+    names = global_parameter_names(engine.module, engine.omoe.layers)
+    opt = engine.optimizer
+    out = {}
+    if not hasattr(opt, "bit16_groups"):  # no ZeRO: the torch optimizer holds whole tensors
+        return {names[id(p)]: [(0, {"param": p.detach().clone().flatten(),
+                                    **{k: opt.state[p][k].clone().flatten() for k in ("exp_avg", "exp_avg_sq")}})]
+                for g in opt.param_groups for p in g["params"]}
+    for i, group in enumerate(opt.bit16_groups):
+        state = opt.optimizer.state[opt.single_partition_of_fp32_groups[i]]
+        for p in group:
+            m = p._hp_mapping
+            if m is None:
+                continue
+            hp = m.hp_fragment_address
+            out[names[id(p)]] = [(m.lp_fragment_address.start, {
+                "param": m.hp_fragment.clone(),
+                **{k: state[k].narrow(0, hp.start, hp.numel).clone() for k in ("exp_avg", "exp_avg_sq")}})]
+    return out
+
+
+def reshard_source(out, ep_size, stage):
+    """Train to RESHARD_AT, save, record the live optimizer state, and go on on these ranks."""
+    engine = build(ep_size=ep_size, base="adamw", stage=stage)
+    run_steps(engine, RESHARD_AT)
+    save_checkpoint(engine, os.path.join(out, f"reshard_src_ep{ep_size}"))
+    torch.save(live_fragments(engine), os.path.join(out, f"reshard_src_ep{ep_size}_state.rank{dist.get_rank()}.pt"))
+    run_steps(engine, RESHARD_END)
+    dump(out, f"reshard_cont_ep{ep_size}", engine)
+
+
+def reshard_target(out, ep_size, source_ep):
+    engine = build(ep_size=ep_size, base="adamw", stage=2)
+    load_checkpoint(engine, os.path.join(out, f"reshard_dst_ep{ep_size}"))
+    assert engine.global_steps == RESHARD_AT
+    run_steps(engine, RESHARD_END)
+    dump(out, f"reshard_from_ep{source_ep}_to_ep{ep_size}", engine)
 
 
 def suite_save(out):
@@ -73,11 +118,18 @@ def suite_resume(out):
         dump(out, f"resumed_{name}", engine)
 
 
+SUITES = {  # world 2: save, resume; world 1: save1, resume1 (the reshard CLI runs in between)
+    "save": lambda out: [suite_save(out), reshard_source(out, 2, stage=2)],
+    "save1": lambda out: reshard_source(out, 1, stage=0),  # resharded into ZeRO-2 at EP=2
+    "resume": lambda out: [suite_resume(out), reshard_target(out, 2, source_ep=1)],
+    "resume1": lambda out: reshard_target(out, 1, source_ep=2),
+}
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=["save", "resume"], required=True)
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed()
-    {"save": suite_save, "resume": suite_resume}[args.suite](args.out)
+    SUITES[args.suite](args.out)

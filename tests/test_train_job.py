@@ -52,7 +52,7 @@ def job_args(model, data, out, *extra):
             "--experts", "4", "--ep-size", "2", "--max-length", "16", "--output-dir", str(out), *extra]
 
 
-def launch_train_job(tmp_path, *job_flags) -> None:
+def run_train_job(tmp_path, *job_flags, extra_env=None) -> subprocess.CompletedProcess:
     """omoe_ds.train on 2 ranks through the deepspeed CLI (CPU/gloo), micro-batch 4 on the ZeRO-2 config."""
     ds = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_zero2.json")))
     ds["train_micro_batch_size_per_gpu"] = 4
@@ -60,8 +60,12 @@ def launch_train_job(tmp_path, *job_flags) -> None:
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
            "--master_port", str(free_local_port()), "--module", "omoe_ds.train", *job_flags,
            "--deepspeed_config", str(tmp_path / "ds.json")]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def launch_train_job(tmp_path, *job_flags) -> None:
+    proc = run_train_job(tmp_path, *job_flags)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 

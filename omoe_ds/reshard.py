@@ -1,0 +1,328 @@
+"""Move a checkpoint to another expert-parallel size and world size, optimizer state included.
+
+    python -m omoe_ds.reshard --src runs/x/checkpoints --dst runs/x_ep1 --ep-size 1 --world-size 1
+
+then `omoe_ds.load_checkpoint(engine, "runs/x_ep1")` (or `omoe_ds.train --resume` with the
+directory as `--output-dir/checkpoints`) on a job launched with that many ranks and --ep-size.
+
+DeepSpeed 0.19.8 loads an EP=2 checkpoint at EP=1 for weights but not for optimizer state, and its
+universal-checkpoint converter does not know MoE expert groups; so this tool reads DeepSpeed's own
+files and writes one consolidated, topology-free copy:
+- every parameter in fp32 under its global name (experts by global id), with every optimizer
+  state tensor (Adam's moments, RMSprop's square average, …) and the step, reassembled from the
+  ZeRO-1/2 partitions through the `param_slice_mappings` DeepSpeed stores in them, or from the
+  per-EP-rank optimizer files without ZeRO;
+- the lr scheduler, step counters and client state;
+- OMoE's projectors (keyed by global id already) and S, and the open windows: the source ranks'
+  partial sums of each expert are added and given to the expert's first replica on the target
+  (the O step sums the replicas anyway).
+`load_checkpoint` sees `universal` in its meta and writes each parameter's slice into whatever
+partitioning the target engine has (`load_universal`). Per-rank RNG states are taken from the
+source rank of the same index, or rank 0's when the target has more ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections import defaultdict
+from typing import Dict
+
+import torch
+
+from .checkpoint import (COMPLETE_MARKER, HF_DIR, META_FILE, NON_EXPERT_FILE, CheckpointError, expert_file,
+                         expert_name_parts, projector_file, rank_file, read_marker, resolve_tag_dir, universal_expert_file,
+                         write_json_atomic)
+
+DENSE_FILE = "universal_dense.pt"
+COMMON_FILE = "universal_common.pt"
+
+
+def _load(path: str):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing from the checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _layer_of(meta: dict) -> Dict[str, int]:
+    return {layer["name"]: L for L, layer in enumerate(meta["layers"])}
+
+
+def _to_global(name: str, rank: int, meta: dict, layer_of: Dict[str, int]) -> str:
+    parts = expert_name_parts(name)
+    if parts is None:
+        return name
+    prefix, local, rest = parts
+    layer = meta["layers"][layer_of[prefix]]
+    ep = layer["ep_size"]
+    global_id = (rank % ep) * (layer["num_experts"] // ep) + local  # EP groups are contiguous ranks
+    return f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{global_id}.{rest}"
+
+
+def consolidate(tag_dir: str) -> dict:
+    """{global name: {"param": fp32 tensor, "state": {key: tensor or scalar}}}, plus group settings."""
+    meta = _load(os.path.join(tag_dir, META_FILE))
+    world = meta["world_size"]
+    layer_of = _layer_of(meta)
+    model_states = _load(os.path.join(tag_dir, NON_EXPERT_FILE))
+    shapes = {name: tuple(t.shape) for name, t in model_states["module"].items()}
+    weights = {name: t.float() for name, t in model_states["module"].items()}
+    for L, layer in enumerate(meta["layers"]):
+        for g in range(layer["num_experts"]):
+            for name, t in _load(os.path.join(tag_dir, expert_file(L, g))).items():
+                shapes[name], weights[name] = tuple(t.shape), t.float()
+    params = {name: {"param": weights[name], "state": {}} for name in weights}
+    group_settings = {}
+    stage = meta["zero_stage"]
+    if stage in (1, 2):
+        pieces = defaultdict(lambda: defaultdict(list))  # name → key → [(rank, fragment)]
+        scalars = defaultdict(dict)
+        for rank in range(world):
+            path = os.path.join(tag_dir, f"{'bf16_' if _is_bf16(tag_dir) else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+            sd = _load(path)["optimizer_state_dict"]
+            if not isinstance(sd["base_optimizer_state"], dict):
+                raise CheckpointError(f"{path}: elastic ZeRO checkpoints are not supported; save with "
+                                      "zero_optimization.elastic_checkpoint false")
+            base = sd["base_optimizer_state"]
+            for i, mapping in enumerate(sd["param_slice_mappings"]):
+                fp32 = sd["single_partition_of_fp32_groups"][i]
+                state = base["state"].get(i, {})
+                settings = {k: v for k, v in base["param_groups"][i].items() if k != "params"}
+                is_moe = bool(settings.get("moe"))
+                group_settings.setdefault("moe" if is_moe else "dense", settings)
+                for name, address in mapping.items():
+                    global_name = _to_global(name, rank, meta, layer_of)
+                    piece = pieces[global_name]
+                    piece["param"].append((rank, fp32.narrow(0, address.start, address.numel)))
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and value.dim() == 1 and value.numel() >= address.start + address.numel \
+                                and value.numel() > 1:
+                            piece[key].append((rank, value.narrow(0, address.start, address.numel)))
+                        else:
+                            scalars[global_name][key] = value
+        for name, by_key in pieces.items():
+            for key, frags in by_key.items():
+                full = torch.cat([t for _, t in sorted(frags, key=lambda x: x[0])]).reshape(shapes[name]).clone()
+                if key == "param":
+                    params[name]["param"] = full
+                else:
+                    params[name]["state"][key] = full
+            params[name]["state"].update(scalars[name])
+    elif stage == 0:
+        for ep_rank in range(max(layer["ep_size"] for layer in meta["layers"]) if meta["layers"] else 1):
+            path = os.path.join(tag_dir, f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt")
+            optimizer = _load(path)["optimizer"]
+            names = _load(os.path.join(tag_dir, rank_file(ep_rank)))["optimizer_param_names"]
+            if not isinstance(optimizer, dict) or "state" not in optimizer:
+                raise CheckpointError(f"{path}: resharding supports fp32 torch optimizers without ZeRO, and ZeRO "
+                                      "stages 1 and 2 (fp32 or bf16); this optimizer state has another format")
+            index = 0
+            for g, group in enumerate(optimizer["param_groups"]):
+                settings = {k: v for k, v in group.items() if k != "params"}
+                group_settings.setdefault("moe" if settings.get("moe") else "dense", settings)
+                for idx, name in zip(group["params"], names[g]):
+                    state = optimizer["state"].get(idx, {})
+                    params[name]["state"] = {k: (v.clone() if torch.is_tensor(v) and v.dim() else v)
+                                             for k, v in state.items()}
+                    index += 1
+    else:
+        raise CheckpointError(f"{tag_dir}: ZeRO stage {stage} checkpoints cannot be resharded")
+    common = {"lr_scheduler": model_states.get("lr_scheduler"), "global_steps": model_states["global_steps"],
+              "global_samples": model_states["global_samples"], "skipped_steps": model_states.get("skipped_steps", 0),
+              "client_state": {k: v for k, v in model_states.items() if k not in _DEEPSPEED_KEYS},
+              "group_settings": group_settings}
+    return {"meta": meta, "params": params, "common": common}
+
+
+_DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+                   "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+                   "ds_version", "tp_world_size", "pp_world_size", "ep_world_size", "checkpoint_parallel_metadata"}
+
+
+def _is_bf16(tag_dir: str) -> bool:
+    return any(name.startswith("bf16_zero_pp_rank_") for name in os.listdir(tag_dir))
+
+
+def check_target(meta: dict, ep_size: int, world_size: int, where: str) -> None:
+    if world_size < 1 or ep_size < 1:
+        raise CheckpointError(f"--world-size={world_size} and --ep-size={ep_size} must be >= 1")
+    if world_size % ep_size:
+        raise CheckpointError(f"--ep-size={ep_size} does not divide --world-size={world_size}; pick an EP size that "
+                              "divides the number of ranks")
+    for L, layer in enumerate(meta["layers"]):
+        if layer["num_experts"] % ep_size:
+            raise CheckpointError(f"{where}: MoE layer {L} has {layer['num_experts']} experts, which --ep-size="
+                                  f"{ep_size} does not divide; pick a divisor of {layer['num_experts']}")
+
+
+def reshard(src: str, dst: str, ep_size: int, world_size: int, tag=None) -> str:
+    """Write the consolidated copy of src's checkpoint for `world_size` ranks at `ep_size` into dst/<tag>."""
+    tag_dir = resolve_tag_dir(src, tag)
+    if read_marker(tag_dir) is None:
+        raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE_MARKER}); reshard a complete checkpoint")
+    meta = _load(os.path.join(tag_dir, META_FILE))
+    check_target(meta, ep_size, world_size, os.path.join(tag_dir, META_FILE))
+    if os.path.exists(dst) and os.listdir(dst):
+        raise CheckpointError(f"--dst {dst} is not empty; choose a new directory (nothing was written)")
+    data = consolidate(tag_dir)
+    name = os.path.basename(tag_dir.rstrip("/"))
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = os.path.join(tmp, name)
+    os.makedirs(out)
+
+    dense = {n: v for n, v in data["params"].items() if expert_name_parts(n) is None}
+    torch.save(dense, os.path.join(out, DENSE_FILE))
+    layer_of = _layer_of(meta)
+    by_expert = defaultdict(dict)
+    for n, v in data["params"].items():
+        parts = expert_name_parts(n)
+        if parts is not None:
+            by_expert[(layer_of[parts[0]], parts[1])][n] = v
+    for (L, g), entries in by_expert.items():
+        torch.save(entries, os.path.join(out, universal_expert_file(L, g)))
+    torch.save(data["common"], os.path.join(out, COMMON_FILE))
+
+    source_ranks = [_load(os.path.join(tag_dir, rank_file(r))) for r in range(meta["world_size"])]
+    new_meta = {**meta, "universal": True, "world_size": world_size, "source_world_size": meta["world_size"],
+                "layers": [{**layer, "ep_size": ep_size} for layer in meta["layers"]]}
+    torch.save(new_meta, os.path.join(out, META_FILE))
+    for r in range(world_size):
+        state = {"format": source_ranks[0]["format"], "rank": r, "world_size": world_size,
+                 "rng": source_ranks[r if r < len(source_ranks) else 0]["rng"]}
+        if meta["omoe"] is not None:
+            state["windows"] = [_target_window(source_ranks, L, layer, ep_size, r)
+                                for L, layer in enumerate(meta["layers"])]
+        torch.save(state, os.path.join(out, rank_file(r)))
+    if meta["omoe"] is not None:
+        for L, layer in enumerate(meta["layers"]):
+            for g in range(layer["num_experts"]):
+                shutil.copy2(os.path.join(tag_dir, projector_file(L, g)), os.path.join(out, projector_file(L, g)))
+    if os.path.isdir(os.path.join(tag_dir, HF_DIR)):
+        shutil.copytree(os.path.join(tag_dir, HF_DIR), os.path.join(out, HF_DIR))
+    files = {os.path.relpath(os.path.join(root, f), out): os.path.getsize(os.path.join(root, f))
+             for root, _, fs in os.walk(out) for f in fs}
+    write_json_atomic(os.path.join(out, COMPLETE_MARKER),
+                      {"format": new_meta["format"], "tag": name, "global_steps": meta["global_steps"],
+                       "world_size": world_size, "files": files, "resharded_from": os.path.abspath(tag_dir)})
+    if os.path.exists(dst):
+        os.rmdir(dst)
+    os.replace(tmp, dst)
+    return os.path.join(dst, name)
+
+
+def _target_window(source_ranks, L: int, layer: dict, ep_size: int, rank: int) -> dict:
+    num_local = layer["num_experts"] // ep_size
+    global_ids = [(rank % ep_size) * num_local + l for l in range(num_local)]
+    first = source_ranks[0]["windows"][L]
+    sums = [torch.zeros(num_local, s.shape[1], dtype=s.dtype) for s in first["sums"]]
+    counts = torch.zeros(num_local, dtype=first["counts"].dtype)
+    if rank // ep_size == 0:  # the expert's first replica carries the whole window
+        for source in source_ranks:
+            window = source["windows"][L]
+            for i, g in enumerate(window["global_ids"]):
+                if g in global_ids:
+                    j = global_ids.index(g)
+                    for w in range(2):
+                        sums[w][j] += window["sums"][w][i]
+                    counts[j] += window["counts"][i]
+    return {"global_ids": global_ids, "sums": sums, "counts": counts}
+
+
+# ---- the load side ------------------------------------------------------------------------------
+@torch.no_grad()
+def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool = True,
+                   load_lr_scheduler_states: bool = True) -> dict:
+    """Write every parameter's slice of a consolidated checkpoint into the engine's own partitioning."""
+    from .checkpoint import global_parameter_names
+    from .moe_layers import find_moe_layers
+    layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
+    names = global_parameter_names(engine.module, layers)
+    entries = dict(_load(os.path.join(tag_dir, DENSE_FILE)))
+    layer_of = {layer.name: L for L, layer in enumerate(layers)}
+    wanted = set()
+    for L, layer in enumerate(layers):
+        for l in range(layer.num_local_experts):
+            from . import collectives
+            wanted.add((L, collectives.ep_rank(layer.ep_size) * layer.num_local_experts + l))
+    for L, g in sorted(wanted):
+        entries.update(_load(os.path.join(tag_dir, universal_expert_file(L, g))))
+    by_param = {}
+    for p in engine.module.parameters():
+        name = names[id(p)]
+        if name not in entries:
+            raise CheckpointError(f"{tag_dir}: no entry for parameter {name}")
+        p.data.copy_(entries[name]["param"].to(p.dtype))
+        by_param[p] = entries[name]
+    common = _load(os.path.join(tag_dir, COMMON_FILE))
+    if load_optimizer_states:
+        _load_optimizer(engine, by_param, common["group_settings"])
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and common["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
+    engine.global_steps = common["global_steps"]
+    engine.global_samples = common["global_samples"]
+    engine.skipped_steps = common["skipped_steps"]
+    del layer_of
+    return common["client_state"]
+
+
+def _load_optimizer(engine, by_param: dict, group_settings: dict) -> None:
+    opt = engine.optimizer
+    if hasattr(opt, "bit16_groups"):  # ZeRO 1/2
+        base = opt.optimizer
+        for i, group in enumerate(opt.bit16_groups):
+            flat = opt.single_partition_of_fp32_groups[i]
+            state = base.state[flat]
+            for lp in group:
+                entry = by_param[lp]
+                mapping = getattr(lp, "_hp_mapping", None)
+                for key, value in entry["state"].items():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        if key not in state:
+                            state[key] = torch.zeros_like(flat)
+                    else:
+                        state[key] = value.clone() if torch.is_tensor(value) else value
+                if mapping is None:
+                    continue
+                lp_at, hp_at = mapping.lp_fragment_address, mapping.hp_fragment_address
+                mapping.hp_fragment.copy_(entry["param"].flatten().narrow(0, lp_at.start, lp_at.numel))
+                for key, value in entry["state"].items():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        state[key].narrow(0, hp_at.start, hp_at.numel).copy_(
+                            value.flatten().narrow(0, lp_at.start, lp_at.numel))
+        groups = base.param_groups
+    elif isinstance(opt, torch.optim.Optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in by_param[p]["state"].items()}
+        groups = opt.param_groups
+    else:
+        raise CheckpointError(f"loading a resharded checkpoint into a {type(opt).__name__} is not supported; use "
+                              "ZeRO stage 1/2 or an fp32 torch optimizer without ZeRO")
+    for group in groups:
+        settings = group_settings.get("moe" if group.get("moe") else "dense", {})
+        for key, value in settings.items():
+            if key in group and key not in ("name", "moe", "params"):
+                group[key] = value
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="a save dir (its latest complete tag) or a tag dir")
+    p.add_argument("--dst", required=True, help="a new directory")
+    p.add_argument("--ep-size", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    try:
+        out = reshard(args.src, args.dst, args.ep_size, args.world_size, args.tag)
+    except CheckpointError as e:
+        sys.exit(f"omoe_ds.reshard: {e}")
+    print(f"[omoe_ds.reshard] {out}: for {args.world_size} ranks at ep_size {args.ep_size}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Ranks for tests/test_export.py, run through the deepspeed CLI:
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port 29650 tests/export_worker.py --suite train \
+        --model TINY_BERT_DIR --out OUT
+
+train: a tiny BERT converted to 4 experts at EP=2 trains a few steps under ZeRO-2 with OMoE (the experts move
+apart), saves a DeepSpeed checkpoint to OUT/ckpt (tag "step4") with hf_model/ beside it, and rank 0 writes the
+engine's eval outputs (logits, last hidden state) on EVAL_TEXTS
+to OUT/engine_logits.pt.
+export: rank 0 exports OUT/ckpt to OUT/export with omoe_ds.export.export_checkpoint.
+load: both ranks load OUT/export at EP=2 with omoe_ds.export.load_exported (no engine) and rank 0 writes the
+outputs to OUT/ep2_logits.pt; each rank also writes its local experts by global id; then the export is loaded
+again unbound and trained one step through omoe_ds.initialize.
+all: train, export and load in one launch (what tests/test_export.py runs).
+"""
+import argparse
+import os
+
+import deepspeed.comm as dist
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import omoe_ds
+from omoe_ds import collectives
+from omoe_ds.convert import MoEConversionConfig, convert_to_moe
+
+EVAL_TEXTS = ["the goal of the match", "rain and sun today", "the bank gave a loan", "cash", "a team of clouds",
+              "sun rain goal bank loan match team cloud cash today"]
+TRAIN_TEXTS = [f"the {w} today {i}" for i in range(16) for w in ("goal", "rain", "bank", "team")]
+STEPS = 4
+TAG = "step4"
+
+
+def ds_config():
+    world = dist.get_world_size()
+    return {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8 // world, "steps_per_print": 10 ** 9,
+            "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 2},
+            "omoe": {"skip_step": 2}}
+
+
+def encode(tokenizer, texts):
+    return dict(tokenizer(texts, padding="max_length", truncation=True, max_length=12, return_tensors="pt"))
+
+
+@torch.no_grad()
+def eval_outputs(model, tokenizer):
+    """Logits and the last hidden state on EVAL_TEXTS, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    out = model(**encode(tokenizer, EVAL_TEXTS), output_hidden_states=True)
+    model.train(was_training)
+    return {"logits": out.logits.float().clone(), "hidden": out.hidden_states[-1].float().clone()}
+
+
+def train_steps(engine, tokenizer, steps):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro = 8 // world
+    for step in range(steps):
+        rows = TRAIN_TEXTS[step * 8 + rank * micro: step * 8 + (rank + 1) * micro]
+        batch = encode(tokenizer, rows)
+        labels = torch.tensor([(step * 8 + rank * micro + i) % 3 for i in range(len(rows))])
+        loss = engine(**batch, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+
+
+def train(args):
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    convert_to_moe(model, MoEConversionConfig(num_experts=4, ep_size=args.ep_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    engine, *_ = omoe_ds.initialize(model=model, optimizer=optimizer, config=ds_config())
+    train_steps(engine, tokenizer, STEPS)
+    save_dir = os.path.join(args.out, "ckpt")
+    engine.save_checkpoint(save_dir, tag=TAG)
+    if dist.get_rank() == 0:
+        hf_dir = os.path.join(save_dir, TAG, "hf_model")
+        engine.module.config.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+    logits = eval_outputs(engine.module, tokenizer)
+    if dist.get_rank() == 0:
+        torch.save(logits, os.path.join(args.out, "engine_logits.pt"))
+    dist.barrier()
+
+
+def export(args):
+    """Rank 0 exports OUT/ckpt to OUT/export (a library call: no engine or process group needed)."""
+    from omoe_ds.export import export_checkpoint
+    if dist.get_rank() == 0:
+        export_checkpoint(os.path.join(args.out, "ckpt"), os.path.join(args.out, "export"))
+    dist.barrier()
+
+
+def load(args):
+    from omoe_ds.export import load_exported
+    from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
+    export = os.path.join(args.out, "export")
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = load_exported(export, ep_size=args.ep_size)
+    logits = eval_outputs(model, tokenizer)
+    if dist.get_rank() == 0:
+        torch.save(logits, os.path.join(args.out, f"ep{args.ep_size}_logits.pt"))
+    experts = {k: p.detach().clone() for k, p in expert_parameters_by_global_id(find_moe_layers(model)).items()}
+    torch.save(experts, os.path.join(args.out, f"ep{args.ep_size}_experts.rank{dist.get_rank()}.pt"))
+
+    # Further training: an unbound load handed to omoe_ds.initialize, which binds the expert groups itself.
+    model = load_exported(export, ep_size=args.ep_size, bind_groups=False)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    engine, *_ = omoe_ds.initialize(model=model, optimizer=optimizer, config=ds_config())
+    train_steps(engine, tokenizer, 1)
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "further_training.ok"), "w") as f:
+            f.write(str(engine.global_steps))
+    dist.barrier()
+
+
+def all_suites(args):
+    train(args)
+    export(args)
+    load(args)
+
+
+SUITES = {"train": train, "export": export, "load": load, "all": all_suites}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--ep-size", type=int, default=2)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    collectives.init_distributed()
+    SUITES[args.suite](args)
