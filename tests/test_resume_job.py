@@ -10,7 +10,7 @@ import torch
 
 from omoe_ds.checkpoint import COMPLETE_MARKER, FAULT_ENV, latest_complete_tag
 from test_checkpoint import differences, fingerprint
-from test_train_job import job_args, run_train_job, tiny_bert, tiny_data  # noqa: F401  (fixtures)
+from test_train_job import job_args, run_train_job
 
 pytestmark = pytest.mark.distributed
 STEPS = ["--max-steps", "12", "--save-every", "4", "--eval-every", "6", "--keep-checkpoints", "0",

