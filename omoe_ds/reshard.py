@@ -31,6 +31,7 @@ from typing import Dict
 
 import torch
 
+from . import collectives
 from .checkpoint import (COMPLETE_MARKER, HF_DIR, META_FILE, NON_EXPERT_FILE, CheckpointError, expert_file,
                          expert_name_parts, projector_file, rank_file, read_marker, resolve_tag_dir, universal_expert_file,
                          write_json_atomic)
@@ -117,7 +118,6 @@ def consolidate(tag_dir: str) -> dict:
             if not isinstance(optimizer, dict) or "state" not in optimizer:
                 raise CheckpointError(f"{path}: resharding supports fp32 torch optimizers without ZeRO, and ZeRO "
                                       "stages 1 and 2 (fp32 or bf16); this optimizer state has another format")
-            index = 0
             for g, group in enumerate(optimizer["param_groups"]):
                 settings = {k: v for k, v in group.items() if k != "params"}
                 group_settings.setdefault("moe" if settings.get("moe") else "dense", settings)
@@ -125,7 +125,6 @@ def consolidate(tag_dir: str) -> dict:
                     state = optimizer["state"].get(idx, {})
                     params[name]["state"] = {k: (v.clone() if torch.is_tensor(v) and v.dim() else v)
                                              for k, v in state.items()}
-                    index += 1
     else:
         raise CheckpointError(f"{tag_dir}: ZeRO stage {stage} checkpoints cannot be resharded")
     common = {"lr_scheduler": model_states.get("lr_scheduler"), "global_steps": model_states["global_steps"],
@@ -241,11 +240,9 @@ def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool
     layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
     names = global_parameter_names(engine.module, layers)
     entries = dict(_load(os.path.join(tag_dir, DENSE_FILE)))
-    layer_of = {layer.name: L for L, layer in enumerate(layers)}
     wanted = set()
     for L, layer in enumerate(layers):
         for l in range(layer.num_local_experts):
-            from . import collectives
             wanted.add((L, collectives.ep_rank(layer.ep_size) * layer.num_local_experts + l))
     for L, g in sorted(wanted):
         entries.update(_load(os.path.join(tag_dir, universal_expert_file(L, g))))
@@ -264,7 +261,6 @@ def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool
     engine.global_steps = common["global_steps"]
     engine.global_samples = common["global_samples"]
     engine.skipped_steps = common["skipped_steps"]
-    del layer_of
     return common["client_state"]
 
 
