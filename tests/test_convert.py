@@ -1,5 +1,5 @@
 """The dense→MoE converter: at initialisation the converted encoder computes the dense model's
-function (fp32, 1e-5 on logits), padding is not routed, and the router still learns."""
+function (fp32, within 1e-4 of the logits' scale), padding is not routed, and the router still learns."""
 import copy
 import json
 
@@ -13,7 +13,12 @@ from omoe_ds.convert import MoEConversionConfig, bind_expert_groups, convert_to_
 from omoe_ds.moe_layers import find_moe_layers
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
-TOL = dict(atol=1e-5, rtol=0)
+# The converted FFN runs the dense FFN's two fp32 GEMMs on the routed rows only (a row batch of another size,
+# which may take another BLAS kernel), and with k=2 adds two gate-weighted copies of its output. A d-term fp32
+# dot product summed in another order differs by ~√d·2^-24 relative (≈ 2e-6 at MiniLM's d_ff = 1536); over
+# 2 GEMMs in each of 6 layers that is ≲ 3e-5 of the logits' scale. The logits of a fresh head are small
+# (|logits| ≈ 0.02-0.05), so the tolerance scales with them instead of being absolute.
+REL_TO_SCALE = 1e-4
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
@@ -37,6 +42,19 @@ def tiny_config(model_type: str, num_labels: int = 3, **overrides):
 
 MODEL_TYPES = ("bert", "roberta", "albert", "distilbert", "mpnet")
 CONVERTED_MODULES = {"bert": 2, "roberta": 2, "albert": 1, "distilbert": 2, "mpnet": 2}
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rng():
+    """Model init, new gates and DeepSpeed's gate sampling draw from the global RNG: fix it per test."""
+    torch.manual_seed(0)
+
+
+def assert_same_function(got, want):
+    """got equals want within REL_TO_SCALE of want's largest entry (see REL_TO_SCALE)."""
+    scale = float(want.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=REL_TO_SCALE * scale)
 
 
 def padded_batch(config, lengths=(7, 4, 2)):
@@ -80,8 +98,8 @@ def test_converted_tiny_model_keeps_the_dense_logits(model_type, train):
     config = tiny_config(model_type)
     dense, converted = dense_and_converted(transformers.AutoModelForSequenceClassification.from_config, config)
     input_ids, attention_mask = padded_batch(config)
-    torch.testing.assert_close(logits_of(converted, train, input_ids=input_ids, attention_mask=attention_mask),
-                               logits_of(dense, train, input_ids=input_ids, attention_mask=attention_mask), **TOL)
+    assert_same_function(logits_of(converted, train, input_ids=input_ids, attention_mask=attention_mask),
+                         logits_of(dense, train, input_ids=input_ids, attention_mask=attention_mask))
     assert len(find_moe_layers(converted)) == CONVERTED_MODULES[model_type]
 
 
@@ -104,7 +122,7 @@ def test_converted_minilm_keeps_the_dense_logits(minilm, k, train):
     assert (inputs["attention_mask"] == 0).any()  # the batch really is padded
     converted = convert_to_moe(copy.deepcopy(dense), MoEConversionConfig(num_experts=4, k=k))
     bind_expert_groups(converted)
-    torch.testing.assert_close(logits_of(converted, train, **inputs), logits_of(dense, train, **inputs), **TOL)
+    assert_same_function(logits_of(converted, train, **inputs), logits_of(dense, train, **inputs))
     assert len(find_moe_layers(converted)) == 6
 
 
@@ -120,7 +138,7 @@ def test_token_and_qa_heads_keep_the_dense_logits_on_real_tokens(model_class, ou
         want, got = (m.eval()(input_ids=input_ids, attention_mask=attention_mask) for m in (dense, converted))
     real = attention_mask.bool()  # padding is not routed, so its FFN output is 0: only real positions compare
     for key in outputs:
-        torch.testing.assert_close(getattr(got, key)[real], getattr(want, key)[real], **TOL)
+        assert_same_function(getattr(got, key)[real], getattr(want, key)[real])
 
 
 def test_only_the_chosen_layers_are_converted_and_recorded():

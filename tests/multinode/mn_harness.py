@@ -39,6 +39,7 @@ SSH_BIN = "/usr/bin/ssh"
 
 STEPS = 6  # one O step (skip_step 5) in each of the two runs of small_job (AdamW, OMoE over AdamW)
 TIMINGS: list[tuple[str, str, float]] = []  # (what, outcome, wall seconds), printed at the end of the session
+DIFFS: list[tuple[str, float, float]] = []  # (launch, max |Δloss|, max |Δparam|) against the single-node run
 
 
 def log(msg: str) -> None:
@@ -51,19 +52,27 @@ def _is_root() -> bool:
 
 
 _apt_updated = False
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
+
+
+class InstallFailed(RuntimeError):
+    """Packages could be installed here, but the install did not give the commands: a failure, not a skip."""
 
 
 def apt_install(packages: list[str], timeout: float = 300) -> str | None:
-    """Install Debian packages (no recommends, services not started). Returns None, or why not."""
+    """Install Debian packages (no recommends, services not started).
+
+    Returns None, or the reason the harness cannot install here at all (not root, no apt-get): the one
+    case its tests skip for. An install that is attempted and fails raises InstallFailed."""
     global _apt_updated
     if not _is_root():
-        return f"not root, cannot apt-get install {' '.join(packages)}"
+        return f"not root (euid {os.geteuid()}), so cannot apt-get install {' '.join(packages)}"
     if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
+        return f"no apt-get on this machine to install {' '.join(packages)}"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # Services in the packages (sshd, munge, slurmd) must not start on their own: they would listen
     # on all addresses. Docker-style images already hold a policy-rc.d that says 101; add one if not.
-    policy = Path("/usr/sbin/policy-rc.d")
+    policy = POLICY_RC
     made_policy = False
     if not policy.exists():
         policy.write_text("#!/bin/sh\n# omoe-ds multinode tests: no service starts during install\nexit 101\n")
@@ -82,7 +91,8 @@ def apt_install(packages: list[str], timeout: float = 300) -> str | None:
                 return None
             if _apt_updated:
                 break
-        return f"apt-get install {' '.join(packages)} failed: {proc.stdout[-800:]} {proc.stderr[-800:]}"
+        raise InstallFailed(f"apt-get install {' '.join(packages)} failed (rc={proc.returncode}): "
+                            f"{proc.stdout[-800:]} {proc.stderr[-800:]}")
     finally:
         if made_policy:
             policy.unlink()
@@ -94,15 +104,21 @@ def which(cmd: str) -> str | None:
 
 
 def ensure_commands(commands: dict[str, str]) -> str | None:
-    """{command: debian package}; installs the packages of missing commands. None, or why not."""
-    missing = {pkg for cmd, pkg in commands.items() if which(cmd) is None}
-    if not missing:
+    """{command: debian package}; installs the packages of missing commands.
+
+    None when every command is there; the reason when they are missing and cannot be installed here
+    (apt_install's: not root, no apt-get). A failed install, or one that leaves a command missing,
+    raises InstallFailed."""
+    missing_cmds = [cmd for cmd in commands if which(cmd) is None]
+    if not missing_cmds:
         return None
-    why = apt_install(sorted(missing))
+    why = apt_install(sorted({commands[cmd] for cmd in missing_cmds}))
     if why:
-        return why
+        return f"{', '.join(missing_cmds)} not found, and {why}"
     still = [cmd for cmd in commands if which(cmd) is None]
-    return f"still missing after install: {still}" if still else None
+    if still:
+        raise InstallFailed(f"still missing after apt-get install: {still}")
+    return None
 
 
 def overlay_venv(flavour: str, requirements: list[str]) -> Path:
