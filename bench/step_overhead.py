@@ -3,7 +3,8 @@
     python bench/step_overhead.py                 # launches itself: deepspeed --num_gpus 2 (CPU/gloo here)
     python bench/step_overhead.py --shapes small  # only the small model
 
-Shapes: "small" (the test model) and "bert_base" (BERT-base FFN: d_model 768, d_ff 3072, 4 experts,
+Each shape runs AdamW, OMoE, and OMoE with the O-step dense freeze off (dense weight gradients computed
+and discarded) to measure what not computing them saves. Shapes: "small" (the test model) and "bert_base" (BERT-base FFN: d_model 768, d_ff 3072, 4 experts,
 12 MoE layers; few steps). Step times are medians of barrier-to-barrier wall time per optimizer step.
 Exchange bytes come from DeepSpeed's comms logger: what each rank's collectives actually sent (the
 input tensor of each all-gather / all-reduce). The dense figure is what each rank would send to
@@ -66,16 +67,20 @@ def worker(args):
         spec = SmallMoESpec(num_classes=6, **shape)
         x, y = make_task(spec, micro_batch * world * steps, seed=0)
         result = {"shapes": {**shape, "micro_batch_per_rank": micro_batch, "timed_steps": steps}}
-        for enabled in (False, True):
+        # "omoe_no_freeze": dense weight gradients still computed (and discarded) in O steps, to measure the saving.
+        for variant in ("adamw", "omoe", "omoe_no_freeze"):
+            enabled = variant != "adamw"
             torch.manual_seed(0)
             model = SmallMoEClassifier(spec, ep_size=2)
             config = {"train_micro_batch_size_per_gpu": micro_batch, "steps_per_print": 10 ** 9,
                       "zero_optimization": {"stage": 2},
                       "comms_logger": {"enabled": True, "prof_all": False, "verbose": False,
-                                       "prof_ops": [collectives.ROUTING_COUNTS_LOG, *collectives.O_STEP_LOGS]},
+                                       "prof_ops": list(collectives.O_STEP_LOGS)},
                       "omoe": {"enabled": enabled, "skip_step": SKIP_STEP}}
             engine, *_ = omoe_ds.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                             config=config)
+            if variant == "omoe_no_freeze":
+                engine.omoe.freeze_dense_in_o_steps = False
             comms_logger.comms_dict.clear()
             times, kinds, exchange_s, projection_s = [], [], [], []
             for step in range(steps):
@@ -100,6 +105,10 @@ def worker(args):
                 result["adamw_mean_step_s"] = statistics.mean(r_times)
                 continue
             o_times = [t for t, k in timed if k == "O"]
+            if variant == "omoe_no_freeze":
+                result["o_step_s_without_dense_freeze"] = statistics.median(o_times)
+                result["o_step_saved_by_dense_freeze_s"] = result["o_step_s_without_dense_freeze"] - result["o_step_s"]
+                continue
             n_o = len(o_times)
             logged = comms_logger.comms_dict
             bytes_of = lambda name: sum(size * rec[0] for size, rec in logged.get(name, {}).items())  # noqa: E731
@@ -115,7 +124,6 @@ def worker(args):
                 "exchange_bytes_per_o_step": sum(bytes_of(n) for n in collectives.O_STEP_LOGS) / n_o,
                 # per rank sent, like the logged factor bytes: its E_local dense n×n projectors per weight
                 "dense_allgather_bytes_per_o_step": 4 * spec.num_layers * (spec.num_experts // 2) * sum(n * n for n in layer_n),
-                "routing_count_bytes_per_r_step": bytes_of(collectives.ROUTING_COUNTS_LOG) / max(1, sum(k == "R" for k in kinds)),
                 "projector_bytes_per_rank": 4 * spec.num_layers * (spec.num_experts // 2 + 1) * sum(n * n for n in layer_n),
             })
             result["dense_over_factor_bytes"] = result["dense_allgather_bytes_per_o_step"] / result["exchange_bytes_per_o_step"]

@@ -13,7 +13,6 @@ import torch
 import deepspeed.comm as dist
 from deepspeed.utils import groups
 
-ROUTING_COUNTS_LOG = "omoe_routing_counts"
 WINDOW_REDUCE_LOG = "omoe_window_allreduce"
 FACTOR_GATHER_LOG = "omoe_factor_allgather"
 O_STEP_LOGS = (WINDOW_REDUCE_LOG, FACTOR_GATHER_LOG)
@@ -36,26 +35,20 @@ def ep_rank(ep_size: int) -> int:
     return dist.get_rank(group=ep_group(ep_size)) if ep_size > 1 else 0
 
 
-def routed_counts_to_local_experts(sent_counts: torch.Tensor, ep_size: int) -> torch.Tensor:
-    """Per source rank, how many tokens it routed to each of my local experts.
-
-    sent_counts[e] is what this rank sends to global expert e; the result is [ep_size, E_local]
-    because the MoE all-to-all delivers rank g's block for my experts at index g.
-    """
-    counts = sent_counts.to(torch.int64).reshape(ep_size, -1).contiguous()
-    if ep_size == 1:
-        return counts
-    received = torch.empty_like(counts)
-    dist.all_to_all_single(received, counts, group=ep_group(ep_size), log_name=ROUTING_COUNTS_LOG)
-    return received
+def max_over_group_(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In place, the maximum over `group` (None: no parallel dimension): the k=2 gate's capacity without
+    token dropping, as DeepSpeed's own top-2 gate computes it (unnamed in the comms log, as DeepSpeed's)."""
+    if group is not None and _group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
 
 
-def sum_over_expert_replicas_(flat: torch.Tensor, ep_size: int) -> torch.Tensor:
-    """Sum window input sums and token counts over the expert-data-parallel group, so every replica
-    of an expert derives the same mean input and therefore the same projector."""
-    group = edp_group(ep_size)
-    if _group_size(group) > 1:
-        dist.all_reduce(flat, group=group, log_name=WINDOW_REDUCE_LOG)
+def sum_windows_over_world_(flat: torch.Tensor) -> torch.Tensor:
+    """The one window exchange of an O step: every rank's partial sums, laid out per global expert
+    (input_capture), summed over the whole world. Every rank gets every expert's totals, which sums over
+    the EP group (x is recorded where tokens are sent) and over the EDP replicas (h where they run)."""
+    if world_size() > 1:
+        dist.all_reduce(flat, log_name=WINDOW_REDUCE_LOG)
     return flat
 
 

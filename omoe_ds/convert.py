@@ -13,9 +13,14 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate, _capacity, einsum as _ds_einsum, gumbel_rsample
+from deepspeed.utils import groups
+from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
+from . import collectives
 from .config import OMoEConfigError
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "albert", "distilbert", "mpnet")
@@ -131,11 +136,100 @@ class MoEFeedForward(nn.Module):
         self.forward_state = forward_state
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # DeepSpeed's top-2 gate ignores used_token, so with k=2 padding tokens are routed too (harmlessly:
-        # attention never reads them and losses skip them).
+        # Padding is never routed, for k=1 (DeepSpeed's top-1 gate) and k=2 (PaddingMaskedTopKGate): it takes
+        # no capacity slot and enters no recorded window; its MoE output is 0 (attention never reads it and
+        # losses skip it).
         output, l_aux, _exp_counts = self.moe(hidden_states, self.forward_state.used_token(hidden_states))
         self.forward_state.aux_losses.append(l_aux)
         return output
+
+
+class PaddingMaskedTopKGate(TopKGate):
+    """DeepSpeed's TopKGate, except that with k=2 tokens masked out by used_token get no route.
+
+    DeepSpeed's top-2 gate ignores used_token. Here its sparse top-2 routing (top2gating, deepspeed
+    0.19.8) runs unchanged but for one step: both routes of a padding token are masked *before* the slot
+    cumsum, so real tokens take slots contiguous from slot 0 and padding never pushes a real token back
+    or out. For real tokens the experts, combine weights and random draws are DeepSpeed's; the capacity
+    under drop_tokens stays derived from the padded token count (the same on every rank, no collective).
+    l_aux counts routed tokens only, as DeepSpeed's top-1 gate does with used_token. Without a mask, or
+    with k=1, this is the stock gate. Same parameters and state dict as TopKGate.
+    """
+
+    def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None, sparse_routes: bool = False,
+                use_tutel: bool = False):
+        if self.k != 2 or used_token is None:
+            return super().forward(input, used_token, sparse_routes, use_tutel)
+        if not sparse_routes or use_tutel:
+            raise OMoEConfigError("the padding-masked top-2 gate implements DeepSpeed's sparse dispatch only "
+                                  f"(sparse_routes={sparse_routes}, use_tutel={use_tutel}); build the MoE with "
+                                  "use_tutel=False")
+        input_fp32 = input.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            from deepspeed.moe.sharded_moe import multiplicative_jitter
+            input_fp32 = multiplicative_jitter(input_fp32, device=input.device)
+        logits = F.linear(input_fp32, weight=self.wg.weight.float(), bias=None)
+        return _masked_top2gating(logits, used_token, self.capacity_factor if self.training else self.eval_capacity_factor,
+                                  self.min_capacity, self.drop_tokens, self.ep_group, self.top2_2nd_expert_sampling)
+
+
+def mask_padding_in_gate(moe: MoE) -> None:
+    """In place: the MoE's stock TopKGate becomes a PaddingMaskedTopKGate (same attributes, parameters and
+    state dict), so that tokens masked by used_token get no route with k=2 too."""
+    gate = moe.deepspeed_moe.gate
+    if type(gate) is not TopKGate and not isinstance(gate, PaddingMaskedTopKGate):
+        raise OMoEConfigError(f"the MoE gate is a {type(gate).__name__}, not DeepSpeed's TopKGate; padding can only "
+                              "be masked in the stock gate")
+    gate.__class__ = PaddingMaskedTopKGate
+
+
+def _masked_top2gating(logits: torch.Tensor, used_token: torch.Tensor, capacity_factor: float, min_capacity: int,
+                       drop_tokens: bool, ep_group, second_expert_sampling: bool):
+    """deepspeed.moe.sharded_moe.top2gating(sparse_routes=True), line for line, with padding masked before the
+    slot cumsum (marked below). tests/test_capture.py checks it equals DeepSpeed's with an all-ones mask."""
+    gates = F.softmax(logits, dim=1)
+    indices1_s = torch.argmax(gates, dim=1)
+    num_experts = int(gates.shape[1])
+    mask1 = F.one_hot(indices1_s, num_classes=num_experts)
+    if second_expert_sampling:
+        logits += gumbel_rsample(logits.shape, device=logits.device)  # every token draws, as in DeepSpeed
+    logits_except1 = logits.masked_fill(mask1.bool(), float("-inf"))
+    indices2_s = torch.argmax(logits_except1, dim=1)
+    mask2 = F.one_hot(indices2_s, num_classes=num_experts)
+    # The one change: padding routes nowhere, so it counts in no location, capacity or exp_counts.
+    used = used_token.reshape(-1, 1).to(mask1.dtype)
+    mask1, mask2 = mask1 * used, mask2 * used
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations2 = torch.cumsum(mask2, dim=0) - 1
+    locations2 += torch.sum(mask1, dim=0, keepdim=True)
+    me = torch.mean(gates, dim=0)
+    ce = torch.mean(mask1.float(), dim=0)
+    l_aux = torch.mean(me * ce) * num_experts * num_experts
+    exp_counts = torch.sum(mask1 + mask2, dim=0).detach().to(logits.device)
+    if drop_tokens:
+        # gates has one row per token, padding included: the capacity is the padded B·L's, equal on every rank.
+        capacity = _capacity(gates, torch.tensor(capacity_factor * 2), torch.tensor(min_capacity))
+        mask1 *= torch.lt(locations1, capacity)
+        mask2 *= torch.lt(locations2, capacity)
+    else:
+        new_capacity = torch.max(exp_counts)
+        collectives.max_over_group_(new_capacity, ep_group)  # DeepSpeed's own capacity all-reduce
+        if groups._get_expert_model_parallel_world_size() == 1:
+            tp = 1 if groups.mpu is None else bwc_tensor_model_parallel_world_size(mpu=groups.mpu)
+            new_capacity = torch.ceil(new_capacity / tp).mul(tp).to(new_capacity.dtype)
+        capacity = new_capacity
+    locations1_s = torch.sum(locations1 * mask1, dim=1)
+    locations2_s = torch.sum(locations2 * mask2, dim=1)
+    mask1_float, mask2_float = mask1.float(), mask2.float()
+    gates1_s = _ds_einsum("se,se->s", gates, mask1_float)
+    gates2_s = _ds_einsum("se,se->s", gates, mask2_float)
+    denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates1_s.dtype).eps)
+    gates1_s /= denom_s
+    gates2_s /= denom_s
+    indices1_s = torch.where(mask1.any(dim=1), indices1_s, torch.full_like(indices1_s, -1))
+    indices2_s = torch.where(mask2.any(dim=1), indices2_s, torch.full_like(indices2_s, -1))
+    return (l_aux, capacity, num_experts, torch.stack([indices1_s, indices2_s]).to(torch.int32),
+            torch.stack([locations1_s, locations2_s]).to(torch.int32), torch.stack([gates1_s, gates2_s]), exp_counts)
 
 
 def _unit_top1_combine_weights(gate, inputs, output):
@@ -207,6 +301,7 @@ def _convert_layer(layer: nn.Module, site: _FFNSite, config: MoEConversionConfig
               eval_capacity_factor=config.eval_capacity_factor, min_capacity=config.min_capacity,
               drop_tokens=config.drop_tokens, use_rts=config.use_rts, noisy_gate_policy=None)
     moe.to(linear_in.weight.device)  # the new gate starts on the CPU
+    mask_padding_in_gate(moe)
     if config.k == 1:
         moe.deepspeed_moe.gate.register_forward_hook(_unit_top1_combine_weights)
     _replace(layer, site.linear_in, MoEFeedForward(moe, forward_state))

@@ -31,6 +31,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if omoe_config.enabled and not layers:
         raise OMoEConfigError(f"{type(model).__name__} has no deepspeed.moe.layer.MoE layer for OMoE to act on; "
                               "add MoE layers or set \"omoe\": {\"enabled\": false}")
+    if omoe_config.enabled:
+        _refuse_unchecked_layouts(model, ds_config, mpu, optimizer, stage)
     collectives.init_distributed(dist_init_required)
     check_ep_sizes(layers, collectives.world_size())
 
@@ -40,7 +42,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         _split_moe_param_groups_(optimizer)
     elif callable(optimizer):
         make_optimizer = optimizer
-        optimizer = lambda params: make_optimizer(_moe_param_groups(params))  # noqa: E731
+
+        def optimizer(params):
+            built = make_optimizer(_moe_param_groups(params))
+            if omoe_config.enabled:
+                _refuse_adagrad_under_zero(built, stage)
+            return built
 
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)  # the config travels as a dict so it is read once
@@ -51,6 +58,39 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         config=ds_config, **kwargs)
     engine.omoe = OMoE(engine, layers, omoe_config) if omoe_config.enabled else None
     return engine, engine_optimizer, loader, scheduler
+
+
+def _refuse_unchecked_layouts(model, ds_config: dict, mpu, optimizer, stage: int) -> None:
+    """What OMoE assumes and would otherwise get wrong silently."""
+    if ds_config.get("use_data_before_expert_parallelism"):
+        raise OMoEConfigError("use_data_before_expert_parallelism=true lays expert-parallel groups over strided ranks; "
+                              "OMoE maps rank r of an EP group to experts r·E_local… over contiguous ranks: remove the key "
+                              "(or set it to false)")
+    if mpu is not None:
+        raise OMoEConfigError(f"mpu={type(mpu).__name__}: OMoE does not support tensor/model parallelism (an expert "
+                              "sharded by a tensor-parallel group would project a slice of its gradient with a projector "
+                              "over the whole input); run without mpu")
+    moe_modules = {id(layer.module) for layer in find_moe_layers(model)}
+    checkpointing = [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True
+                     and any(id(sub) in moe_modules for sub in m.modules())]
+    if checkpointing:
+        raise OMoEConfigError(f"gradient checkpointing is on ({checkpointing[0] or type(model).__name__}): it recomputes "
+                              "the MoE layers in backward, which would record their inputs twice and run the O-step "
+                              "hooks on the recomputed graph; call model.gradient_checkpointing_disable()")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        _refuse_adagrad_under_zero(optimizer, stage)
+    elif stage in (1, 2) and str(ds_config.get("optimizer", {}).get("type", "")).lower() == "adagrad":
+        raise OMoEConfigError(_ADAGRAD_UNDER_ZERO.format(stage=stage, what="the config optimizer \"Adagrad\""))
+
+
+_ADAGRAD_UNDER_ZERO = ("zero_optimization.stage={stage} with {what}: DeepSpeed 0.19.8 rebuilds torch Adagrad over "
+                       "one parameter group under ZeRO-1/2 (stage_1_and_2.py), which loses the expert groups and fails "
+                       "at the first step; use stage 0 (ds_configs/omoe_zero0.json) or another base optimizer")
+
+
+def _refuse_adagrad_under_zero(optimizer, stage: int) -> None:
+    if stage in (1, 2) and isinstance(optimizer, torch.optim.Adagrad):
+        raise OMoEConfigError(_ADAGRAD_UNDER_ZERO.format(stage=stage, what="torch.optim.Adagrad"))
 
 
 def _moe_param_groups(params):

@@ -3,9 +3,15 @@
 Step i (engine.global_steps, counted in optimizer steps) is an O step when i % s == 0 and i > 0.
 - R step: the base optimizer updates everything; expert inputs are recorded (input_capture).
 - O step: before the first forward, the window's mean inputs update every local expert's
-  projectors through one all-reduce (EDP) and one all-gather of rank-1 factors (EP); then the grad
-  hooks project expert gradients by P̄_m and the dense parameters get lr 0 for that step, so only
-  experts move while the optimizer state stays shared between both kinds of step.
+  projectors through one all-reduce of the windows' partial sums (world) and one all-gather of
+  rank-1 factors (EP); then the grad
+  hooks project expert gradients by P̄_m. Only experts move: dense parameters stop requiring grad
+  for the step (no dense weight gradient is computed, none enters the clipping norm; input
+  gradients still flow to the experts below) and their optimizer groups are hidden from the
+  optimizer's step, so their values and their whole optimizer state keep their bits. The experts'
+  optimizer state stays shared between both kinds of step (paper A, Fig. 2).
+- fp16 overflow: an O step whose update DeepSpeed skips is deferred, not counted: the projectors
+  it prepared are kept and the next step that is applied is the O step (`deferred_o_step`).
 """
 from __future__ import annotations
 
@@ -16,11 +22,18 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from . import collectives, projector
+from . import collectives, optimizer_groups, projector
 from .config import OMoEConfig
 from .grad_projection import ExpertGradProjector
 from .input_capture import LayerInputWindow, flatten_windows, unflatten_windows_
 from .moe_layers import MoELayerInfo, expert_key
+
+
+def _refuse_recompute(name: str, module, args) -> None:
+    # Activation checkpointing reruns the forward inside backward: the window would count the tokens twice.
+    if module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(f"MoE layer {name or '<root>'} ran its forward inside backward (activation checkpointing "
+                           "recomputes it): OMoE would record its inputs twice; do not checkpoint MoE layers")
 
 
 class OMoE:
@@ -49,8 +62,21 @@ class OMoE:
                     self._grad_projectors.append(ExpertGradProjector(
                         linear, partial(self.leave_one_out_projector, L, l, w), partial(self._pbar_bias_column, L, l, w),
                         partial(self._pbar_bias_corner, L, l, w), self._is_o_step, self.projection_seconds))
+        self.deferred_o_step = None      # an O step whose update fp16 overflow skipped: it runs next
+        # Not a config key: bench/step_overhead.py turns it off to measure what freezing saves.
+        self.freeze_dense_in_o_steps = True
+        expert_ids = {id(p) for layer in layers for linears in layer.local_experts for linear in linears
+                      for p in linear.parameters()}
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        self._dense_params = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in expert_ids]
+        self._frozen: List[torch.nn.Parameter] = []
+        self._optimizer, model_groups = optimizer_groups.innermost_optimizer(engine.optimizer)
+        self._dense_tensors = optimizer_groups.dense_group_tensors(self._optimizer, model_groups, expert_ids, names)
         self._forward_handle = engine.module.register_forward_pre_hook(self._before_forward)
-        self._wrap_optimizer_step(engine.optimizer)
+        self._recompute_guards = [layer.module.register_forward_pre_hook(partial(_refuse_recompute, layer.name))
+                                  for layer in layers]
+        self._wrap_optimizer_step(self._optimizer)
+        self._wrap_model_step(engine)
 
     # ---- phase ------------------------------------------------------------------------------
     @staticmethod
@@ -67,12 +93,26 @@ class OMoE:
         if not (module.training and torch.is_grad_enabled()):
             return
         step = self.engine.global_steps
-        if self.config.is_o_step(step):
-            if self.prepared_step != step:
+        if self.deferred_o_step is not None or self.config.is_o_step(step):
+            if self.deferred_o_step is None and self.prepared_step != step:
                 self.update_projectors(step)
             self.phase = "O"
+            if self.freeze_dense_in_o_steps:
+                self._freeze_dense()
         else:
             self.phase = "R"
+            self._thaw_dense()
+
+    def _freeze_dense(self) -> None:
+        if not self._frozen:
+            self._frozen = [p for p in self._dense_params if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
+
+    def _thaw_dense(self) -> None:
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
 
     def alpha(self, step: int) -> float:
         return projector.alpha_at(step, self.config.alpha0, self.config.lam, self.config.total_steps)
@@ -83,33 +123,33 @@ class OMoE:
         """Close the window: one RLS update per local expert and weight, exchanged as rank-1 factors."""
         start = time.perf_counter()
         alpha = self.alpha(step)
+        if self.windows:  # the window's only exchange: every layer's per-global-expert partial sums, one all-reduce
+            unflatten_windows_(self.windows, collectives.sum_windows_over_world_(flatten_windows(self.windows)))
         by_shape: Dict[Tuple[int, int], List[int]] = defaultdict(list)  # layers that can share collectives
         for L, layer in enumerate(self.layers):
             by_shape[(layer.ep_size, layer.num_experts)].append(L)
         for (ep_size, _), layer_ids in by_shape.items():
-            windows = [self.windows[L] for L in layer_ids]
-            flat = collectives.sum_over_expert_replicas_(flatten_windows(windows), ep_size)
-            unflatten_windows_(windows, flat)
             local_factors = torch.cat([self._local_factors(L, alpha) for L in layer_ids], dim=1)
             all_factors = collectives.gather_factors(local_factors, ep_size)  # [M, Σn], global expert order
             offset = 0
             for L in layer_ids:
                 offset = self._apply_factors(L, all_factors, offset)
-            for window in windows:
-                window.reset()
+        for window in self.windows:
+            window.reset()
         self.prepared_step = step
-        self.o_steps_done += 1
         self.exchange_seconds = time.perf_counter() - start
 
     def _local_factors(self, L: int, alpha: float) -> torch.Tensor:
         window, layer = self.windows[L], self.layers[L]
         rows = []
         for l, linears in enumerate(layer.local_experts):
-            count = float(window.counts[l])
+            g = self.global_expert_id(L, l)
             parts = []
             for w, linear in enumerate(linears):
+                # W1's mean uses the x count, W2's the h count: equal but for an all-zero token (input_capture).
+                count = float(window.counts[w][g])
                 if count > 0:
-                    x_mean = projector.augmented_mean(window.sums[w][l], count, linear.bias is not None)
+                    x_mean = projector.augmented_mean(window.sums[w][g], count, linear.bias is not None)
                     parts.append(projector.rls_factor(self.P[L][l][w], x_mean, alpha))
                 else:  # an expert that saw no token in the window gets no update
                     parts.append(torch.zeros(self._n(linear), dtype=projector.PROJECTOR_DTYPE,
@@ -143,23 +183,37 @@ class OMoE:
         return (self.S[L][w][-1, -1] - self.P[L][l][w][-1, -1]) / self._divisor(L)
 
     def _wrap_optimizer_step(self, optimizer) -> None:
-        """In O steps, dense (non-expert) groups take lr 0: φ stays bit-identical, state stays shared."""
+        """In O steps the innermost optimizer steps the expert groups only (see optimizer_groups)."""
         original_step = optimizer.step
 
         def step(*args, **kwargs):
             if self.phase != "O":
                 return original_step(*args, **kwargs)
-            dense_groups = [g for g in optimizer.param_groups if not g.get("moe", False)]
-            saved = [g["lr"] for g in dense_groups]
-            for g in dense_groups:
-                g["lr"] = 0.0
-            try:
-                return original_step(*args, **kwargs)
-            finally:
-                for g, lr in zip(dense_groups, saved):
-                    g["lr"] = lr
+            with optimizer_groups.without_groups(optimizer, self._dense_tensors) as any_left:
+                return original_step(*args, **kwargs) if any_left else None
 
         optimizer.step = step
+
+    def _wrap_model_step(self, engine) -> None:
+        """After each applied update: close the O step (count it, thaw the dense parameters); after one
+        that DeepSpeed skipped for fp16 overflow, defer it to the next step."""
+        original = engine._take_model_step
+
+        def take_model_step(*args, **kwargs):
+            if self.phase != "O":
+                return original(*args, **kwargs)
+            skipped_before = engine.skipped_steps
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._thaw_dense()
+                if engine.skipped_steps > skipped_before:
+                    self.deferred_o_step = self.prepared_step
+                else:
+                    self.deferred_o_step = None
+                    self.o_steps_done += 1
+
+        engine._take_model_step = take_model_step
 
     # ---- inspection -------------------------------------------------------------------------
     def global_expert_id(self, L: int, l: int) -> int:

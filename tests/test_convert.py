@@ -171,7 +171,7 @@ def test_padding_tokens_are_not_routed_and_routes_weigh_one():
         recorder.outputs.clear()
         converted(input_ids=input_ids)  # no mask: every token is routed
         assert recorder.routed() == 2 * input_ids.numel()
-    # DeepSpeed's top-2 gate ignores used_token, so with k=2 padding is routed: not checked here.
+    # k=2 (PaddingMaskedTopKGate, which masks padding DeepSpeed's top-2 gate would route): tests/test_capture.py.
 
 
 def test_top1_router_still_gets_a_gradient():

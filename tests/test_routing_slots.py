@@ -1,6 +1,7 @@
-"""Input capture relies on DeepSpeed filling each expert's capacity slots from slot 0 up: the real
-tokens of a source rank are exactly the first `count` slots. Check it on DeepSpeed's own gates,
-with token dropping, random token selection and padding masks."""
+"""Input capture relies on DeepSpeed filling each expert's capacity slots from slot 0 up (and padding
+the rest with zero rows): the receiving rank tells its filled slots from the empty ones without any
+count from the sender. Check the prefix layout on DeepSpeed's own gates, with token dropping, random
+token selection and padding masks."""
 import pytest
 import torch
 from deepspeed.moe.sharded_moe import top1gating, top2gating
