@@ -8,8 +8,9 @@ scheduler, step counters) and ours, in separate files so that DeepSpeed's checkp
 drops non-expert state keys containing "expert") never see them:
 - `omoe_meta.pt` (rank 0): topology, parameter shapes, OMoE config, counters and S per layer;
 - `omoe_proj_layer{L}_e{g}.pt`: projectors of global expert g, written by its first EDP replica;
-- `omoe_rank{r}.pt`: rank r's open-window sums/counts (partial sums: each EDP replica records its
-  own tokens), its RNG states, and its optimizer groups' parameter names (for resharding);
+- `omoe_rank{r}.pt`: rank r's open-window partial sums/counts per global expert (Σx of the tokens it
+  sent, Σh of its local experts' slots; the O step's world all-reduce adds them), its RNG states, and
+  its optimizer groups' parameter names (for resharding);
 - `hf_model/`: the Hugging Face config (with `omoe_moe`) and tokenizer, when given;
 - `omoe_complete.json`: written last, atomically, by rank 0 after every rank's files are on
   disk, listing every file with its size. A tag without it (a job died during the save) is never
@@ -45,6 +46,34 @@ FAULT_ENV = "OMOE_DS_FAULT"  # test hook: "kill_in_save:STEP:RANK" SIGKILLs that
 
 class CheckpointError(OMoEConfigError):
     """A checkpoint that does not fit the job, or is incomplete; raised before anything is loaded."""
+
+
+WINDOW_LAYOUT = "per_global_expert"  # input_capture's layout; older files list their local experts' global_ids
+
+
+def window_partials(saved: dict, num_experts: int, where: str):
+    """(sums [Σx [M, d], Σh [M, d_ff]], counts [2, M]) of one saved window, in input_capture's layout.
+
+    A window saved before the layout change (keys global_ids/sums/counts: the receiving rank's sums of its
+    local experts) is placed into its experts' rows, x and h alike: the O step's world all-reduce gives the
+    same totals, up to the fp64 rounding of the summation order."""
+    if saved.get("layout") == WINDOW_LAYOUT:
+        sums, counts = saved["sums"], saved["counts"]
+    elif "global_ids" in saved:
+        old_sums, old_counts = saved["sums"], saved["counts"]
+        sums = [s.new_zeros(num_experts, s.shape[1]) for s in old_sums]
+        counts = old_counts.new_zeros(2, num_experts)
+        for i, g in enumerate(saved["global_ids"]):
+            for w in range(2):
+                sums[w][g] = old_sums[w][i]
+                counts[w][g] = old_counts[i]
+    else:
+        raise CheckpointError(f"{where}: a window in an unknown layout {saved.get('layout')!r} (keys {sorted(saved)}); "
+                              "it was written by a newer omoe_ds: load it with that version")
+    if counts.shape != (2, num_experts) or any(s.shape[0] != num_experts for s in sums):
+        raise CheckpointError(f"{where}: window counts of shape {tuple(counts.shape)} do not fit {num_experts} experts; "
+                              "load the checkpoint into a model with the same --experts")
+    return sums, counts
 
 
 def projector_file(layer: int, global_expert: int) -> str:
@@ -163,10 +192,8 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
                                             for g in _torch_optimizer(engine).param_groups]}
     if engine.omoe is not None:
         omoe = engine.omoe
-        rank_state["windows"] = [{"global_ids": [omoe.global_expert_id(L, l) for l in range(layer.num_local_experts)],
-                                  "sums": [s.clone() for s in omoe.windows[L].sums],
-                                  "counts": omoe.windows[L].counts.clone()}
-                                 for L, layer in enumerate(layers)]
+        rank_state["windows"] = [{"layout": WINDOW_LAYOUT, "sums": [s.clone() for s in window.sums],
+                                  "counts": window.counts.clone()} for window in omoe.windows]
         for L, layer in enumerate(layers):
             if rank // layer.ep_size == 0:  # the first replica of these experts writes their projectors
                 for l in range(layer.num_local_experts):
@@ -176,6 +203,8 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
     if rank == 0:
         torch.save(_meta(engine, layers, names), os.path.join(tag_dir, META_FILE))
         if model_config is not None:
+            if model_config is getattr(engine.module, "config", None) and hasattr(engine.module, "save_pretrained"):
+                model_config.architectures = [type(engine.module).__name__]  # as save_pretrained records it
             model_config.save_pretrained(os.path.join(tag_dir, HF_DIR))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tag_dir, HF_DIR))
@@ -243,7 +272,9 @@ def _meta(engine, layers: List[MoELayerInfo], names: Dict[int, str]) -> dict:
             "omoe": None}
     if omoe is not None:
         meta["omoe"] = {"config": dataclasses.asdict(omoe.config), "o_steps_done": omoe.o_steps_done,
-                        "prepared_step": omoe.prepared_step, "S": [[S.clone() for S in per_w] for per_w in omoe.S]}
+                        "prepared_step": omoe.prepared_step,
+                        "deferred_o_step": getattr(omoe, "deferred_o_step", None),  # an O step fp16 overflow skipped
+                        "S": [[S.clone() for S in per_w] for per_w in omoe.S]}
     return meta
 
 
@@ -349,7 +380,34 @@ def check_checkpoint(engine, tag_dir: str) -> dict:
         path = os.path.join(tag_dir, rank_file(collectives.rank()))
         if not os.path.exists(path):
             raise CheckpointError(f"{path} is missing: rank {collectives.rank()}'s OMoE window state")
+        check_omoe_config(meta_path, meta["omoe"]["config"], dataclasses.asdict(engine.omoe.config))
     return meta
+
+
+# The "omoe" keys that change the math of a run: a resumed run must keep them. Anything else (e.g. how the
+# projectors are stored) is free to change, so this is an explicit list, not the whole section.
+OMOE_MATH_KEYS = ("skip_step", "alpha0", "lam", "loo_divisor")
+_OMOE_FLAGS = {"skip_step": "--skip-step", "alpha0": "--alpha0", "lam": "--lam"}
+
+
+def check_omoe_config(where: str, saved: dict, here: dict) -> None:
+    """Refuse a resume whose "omoe" section changes the math; total_steps (n of α_i = α0·λ^(i/n)) matters
+    only where λ != 1. Keys an older checkpoint did not record are not compared."""
+    keys = [k for k in OMOE_MATH_KEYS if k in saved]
+    if "total_steps" in saved and saved.get("lam", 1.0) != 1:
+        keys.append("total_steps")
+    changed = [k for k in keys if saved[k] != here.get(k)]
+    if not changed:
+        return
+    section = ", ".join(f"\"{k}\": {json.dumps(saved[k])}" for k in changed)
+    flags = " ".join(f"{_OMOE_FLAGS[k]} {saved[k]}" for k in changed if k in _OMOE_FLAGS)
+    if "total_steps" in changed:
+        flags += (" " if flags else "") + f"--max-steps/--epochs giving {saved['total_steps']} steps"
+    raise CheckpointError(
+        f"{where}: the checkpoint was trained with another \"omoe\" section: "
+        + "; ".join(f"{k} {saved[k]!r} saved, {here.get(k)!r} now" for k in changed)
+        + ". Continuing would change the optimizer's math mid-run; resume with the saved values (\"omoe\": {"
+        + section + "}" + (f"; omoe_ds.train: {flags}" if flags else "") + "), or start a new run")
 
 
 def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_optimizer_states: bool = True,
@@ -380,6 +438,7 @@ def _load_omoe_state(omoe, tag_dir: str, meta: dict, rank_state: dict) -> None:
     saved = meta["omoe"]
     omoe.o_steps_done = saved["o_steps_done"]
     omoe.prepared_step = saved["prepared_step"]
+    omoe.deferred_o_step = saved.get("deferred_o_step")  # absent in checkpoints written before it existed
     for L, layer in enumerate(omoe.layers):
         for w in range(2):
             omoe.S[L][w].copy_(saved["S"][L][w])
@@ -388,10 +447,8 @@ def _load_omoe_state(omoe, tag_dir: str, meta: dict, rank_state: dict) -> None:
             P = torch.load(os.path.join(tag_dir, projector_file(L, g)), weights_only=True)
             omoe.P[L][l][0].copy_(P["w1"])
             omoe.P[L][l][1].copy_(P["w2"])
-        window = rank_state["windows"][L]
-        if window["global_ids"] != [omoe.global_expert_id(L, l) for l in range(layer.num_local_experts)]:
-            raise CheckpointError(f"{os.path.join(tag_dir, rank_file(collectives.rank()))}: window of MoE layer {L} "
-                                  f"holds experts {window['global_ids']}, not this rank's")
+        where = f"{os.path.join(tag_dir, rank_file(collectives.rank()))}, window of MoE layer {L}"
+        sums, counts = window_partials(rank_state["windows"][L], layer.num_experts, where)
         for w in range(2):
-            omoe.windows[L].sums[w].copy_(window["sums"][w])
-        omoe.windows[L].counts.copy_(window["counts"])
+            omoe.windows[L].sums[w].copy_(sums[w])
+        omoe.windows[L].counts.copy_(counts)

@@ -283,9 +283,9 @@ def _moe_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def _candidate_classes(config, path: str) -> List[type]:
+def _candidate_classes(config, path: str, heads_only: bool = False) -> List[type]:
     architectures = getattr(config, "architectures", None) or []
-    if architectures:
+    if architectures and not heads_only:
         return [_model_class(architectures[0], config, path)]
     found = []
     for head in ("base", "sequence_classification", "token_classification", "question_answering"):
@@ -342,20 +342,36 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
                               "with (--config)")
 
     # The architecture: the one the config names, or (no architectures) the head whose keys the checkpoint holds.
+    # A checkpoint's own hf_model/ without omoe_job was written before the job recorded its head: it may carry
+    # the pretrained config's architectures unchanged (MiniLM's BertModel under a trained classifier), so
+    # there the other heads are tried too. An explicit --config is taken at its word.
     candidates = _candidate_classes(config, config_path)
+    named = candidates[0] if getattr(config, "architectures", None) else None
+    if named is not None and not explicit and not isinstance(getattr(config, "omoe_job", None), dict):
+        candidates += [c for c in _candidate_classes(config, config_path, heads_only=True) if c not in candidates]
     expert_files = _expert_files(tag_dir)
     chosen = None
     for cls in candidates:
         model = _skeleton(cls, config, conversion)
         expected = model.state_dict()
         non_expert = {k for k in expected if EXPERT_INFIX not in k}
-        if set(module_state) == non_expert or len(candidates) == 1:
+        if set(module_state) == non_expert:
             chosen = cls
             break
+    if chosen is None and named is not None:  # keep the named class: _check_keys below says what does not fit
+        chosen = named
+        model = _skeleton(named, config, conversion)
+        expected = model.state_dict()
+        non_expert = {k for k in expected if EXPERT_INFIX not in k}
     if chosen is None:
         raise CheckpointError(f"{states_path} matches none of the {config.model_type} heads "
                               f"{[c.__name__ for c in candidates]} built from {config_path} (which names no "
                               "architectures); set architectures in that config.json")
+    if chosen is not named and named is not None:
+        warnings.warn(f"{config_path} names architectures [{named.__name__!r}], whose tensors {states_path} does not "
+                      f"hold; they are those of {chosen.__name__}, the head trained (a checkpoint of an older omoe-ds "
+                      f"job kept the pretrained config's architectures): exporting it as {chosen.__name__}",
+                      stacklevel=2)
     arch = chosen.__name__
     where = f"{arch} (model_type {config.model_type}, omoe_moe layers {list(conversion.layers or [])}) from {config_path}"
     moe = _moe_modules(model)
@@ -504,6 +520,8 @@ def export_checkpoint(ckpt: str, out: str, tag: Optional[str] = None, config_dir
                 shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, name))
             if names:
                 break
+        for name in os.listdir(tmp):  # safetensors writes its files 0600; the export is an ordinary directory
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         _fsync_tree(tmp)
         _replace_dir(tmp, out)
     except BaseException:

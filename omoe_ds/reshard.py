@@ -13,9 +13,11 @@ files and writes one consolidated, topology-free copy:
   ZeRO-1/2 partitions through the `param_slice_mappings` DeepSpeed stores in them, or from the
   per-EP-rank optimizer files without ZeRO;
 - the lr scheduler, step counters and client state;
+- every optimizer group's own settings (lr, weight_decay, betas, …) with its parameters' global names;
+  each target group takes the settings of the source group that held its parameters;
 - OMoE's projectors (keyed by global id already) and S, and the open windows: the source ranks'
-  partial sums of each expert are added and given to the expert's first replica on the target
-  (the O step sums the replicas anyway).
+  partial sums (per global expert) are added and given to target rank 0, the other ranks get zeros
+  (the O step's world all-reduce adds every rank's partial sums anyway).
 `load_checkpoint` sees `universal` in its meta and writes each parameter's slice into whatever
 partitioning the target engine has (`load_universal`). Per-rank RNG states are taken from the
 source rank of the same index, or rank 0's when the target has more ranks.
@@ -32,9 +34,9 @@ from typing import Dict
 import torch
 
 from . import collectives
-from .checkpoint import (COMPLETE_MARKER, HF_DIR, META_FILE, NON_EXPERT_FILE, CheckpointError, expert_file,
-                         expert_name_parts, projector_file, rank_file, read_marker, resolve_tag_dir, universal_expert_file,
-                         write_json_atomic)
+from .checkpoint import (COMPLETE_MARKER, HF_DIR, META_FILE, NON_EXPERT_FILE, WINDOW_LAYOUT, CheckpointError,
+                         expert_file, expert_name_parts, projector_file, rank_file, read_marker, resolve_tag_dir,
+                         universal_expert_file, window_partials, write_json_atomic)
 
 DENSE_FILE = "universal_dense.pt"
 COMMON_FILE = "universal_common.pt"
@@ -74,7 +76,7 @@ def consolidate(tag_dir: str) -> dict:
             for name, t in _load(os.path.join(tag_dir, expert_file(L, g))).items():
                 shapes[name], weights[name] = tuple(t.shape), t.float()
     params = {name: {"param": weights[name], "state": {}} for name in weights}
-    group_settings = {}
+    groups = []  # per source optimizer group: its settings and its parameters' global names (all ranks)
     stage = meta["zero_stage"]
     if stage in (1, 2):
         pieces = defaultdict(lambda: defaultdict(list))  # name → key → [(rank, fragment)]
@@ -86,12 +88,15 @@ def consolidate(tag_dir: str) -> dict:
                 raise CheckpointError(f"{path}: elastic ZeRO checkpoints are not supported; save with "
                                       "zero_optimization.elastic_checkpoint false")
             base = sd["base_optimizer_state"]
+            rank_names = _load(os.path.join(tag_dir, rank_file(rank)))["optimizer_param_names"]
+            if len(rank_names) != len(base["param_groups"]):
+                raise CheckpointError(f"{os.path.join(tag_dir, rank_file(rank))} names {len(rank_names)} optimizer "
+                                      f"groups, {path} holds {len(base['param_groups'])}: the files are from "
+                                      "different saves")
             for i, mapping in enumerate(sd["param_slice_mappings"]):
                 fp32 = sd["single_partition_of_fp32_groups"][i]
                 state = base["state"].get(i, {})
-                settings = {k: v for k, v in base["param_groups"][i].items() if k != "params"}
-                is_moe = bool(settings.get("moe"))
-                group_settings.setdefault("moe" if is_moe else "dense", settings)
+                _add_group(groups, i, base["param_groups"][i], rank_names[i])
                 for name, address in mapping.items():
                     global_name = _to_global(name, rank, meta, layer_of)
                     piece = pieces[global_name]
@@ -119,8 +124,7 @@ def consolidate(tag_dir: str) -> dict:
                 raise CheckpointError(f"{path}: resharding supports fp32 torch optimizers without ZeRO, and ZeRO "
                                       "stages 1 and 2 (fp32 or bf16); this optimizer state has another format")
             for g, group in enumerate(optimizer["param_groups"]):
-                settings = {k: v for k, v in group.items() if k != "params"}
-                group_settings.setdefault("moe" if settings.get("moe") else "dense", settings)
+                _add_group(groups, g, group, names[g])
                 for idx, name in zip(group["params"], names[g]):
                     state = optimizer["state"].get(idx, {})
                     params[name]["state"] = {k: (v.clone() if torch.is_tensor(v) and v.dim() else v)
@@ -130,8 +134,18 @@ def consolidate(tag_dir: str) -> dict:
     common = {"lr_scheduler": model_states.get("lr_scheduler"), "global_steps": model_states["global_steps"],
               "global_samples": model_states["global_samples"], "skipped_steps": model_states.get("skipped_steps", 0),
               "client_state": {k: v for k, v in model_states.items() if k not in _DEEPSPEED_KEYS},
-              "group_settings": group_settings}
+              "optimizer_groups": groups}
     return {"meta": meta, "params": params, "common": common}
+
+
+def _add_group(groups: list, i: int, group: dict, names) -> None:
+    """Source optimizer group i: its own settings (lr, weight_decay, betas, …), and its parameters' names
+    joined over the ranks (an expert group holds other experts on each EP rank)."""
+    groups.extend(None for _ in range(i + 1 - len(groups)))
+    if groups[i] is None:
+        groups[i] = {"settings": {k: v for k, v in group.items() if k != "params"}, "params": []}
+    known = set(groups[i]["params"])
+    groups[i]["params"].extend(n for n in names if n not in known)
 
 
 _DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
@@ -213,21 +227,18 @@ def reshard(src: str, dst: str, ep_size: int, world_size: int, tag=None) -> str:
 
 
 def _target_window(source_ranks, L: int, layer: dict, ep_size: int, rank: int) -> dict:
-    num_local = layer["num_experts"] // ep_size
-    global_ids = [(rank % ep_size) * num_local + l for l in range(num_local)]
-    first = source_ranks[0]["windows"][L]
-    sums = [torch.zeros(num_local, s.shape[1], dtype=s.dtype) for s in first["sums"]]
-    counts = torch.zeros(num_local, dtype=first["counts"].dtype)
-    if rank // ep_size == 0:  # the expert's first replica carries the whole window
-        for source in source_ranks:
-            window = source["windows"][L]
-            for i, g in enumerate(window["global_ids"]):
-                if g in global_ids:
-                    j = global_ids.index(g)
-                    for w in range(2):
-                        sums[w][j] += window["sums"][w][i]
-                    counts[j] += window["counts"][i]
-    return {"global_ids": global_ids, "sums": sums, "counts": counts}
+    """Target rank `rank`'s window of layer L: the sum of every source rank's partial sums on rank 0,
+    zeros elsewhere; any split is exact, since the O step sums the ranks' partials over the world."""
+    partials = [window_partials(source["windows"][L], layer["num_experts"], f"{rank_file(r)}, window of MoE layer {L}")
+                for r, source in enumerate(source_ranks)]
+    sums = [torch.zeros_like(s) for s in partials[0][0]]
+    counts = torch.zeros_like(partials[0][1])
+    if rank == 0:
+        for source_sums, source_counts in partials:
+            for w in range(2):
+                sums[w] += source_sums[w]
+            counts += source_counts
+    return {"layout": WINDOW_LAYOUT, "sums": sums, "counts": counts}
 
 
 # ---- the load side ------------------------------------------------------------------------------
@@ -246,6 +257,8 @@ def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool
             wanted.add((L, collectives.ep_rank(layer.ep_size) * layer.num_local_experts + l))
     for L, g in sorted(wanted):
         entries.update(_load(os.path.join(tag_dir, universal_expert_file(L, g))))
+    common = _load(os.path.join(tag_dir, COMMON_FILE))
+    settings = _target_group_settings(engine, names, common, tag_dir) if load_optimizer_states else None
     by_param = {}
     for p in engine.module.parameters():
         name = names[id(p)]
@@ -253,9 +266,8 @@ def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool
             raise CheckpointError(f"{tag_dir}: no entry for parameter {name}")
         p.data.copy_(entries[name]["param"].to(p.dtype))
         by_param[p] = entries[name]
-    common = _load(os.path.join(tag_dir, COMMON_FILE))
     if load_optimizer_states:
-        _load_optimizer(engine, by_param, common["group_settings"])
+        _load_optimizer(engine, by_param, settings)
     if load_lr_scheduler_states and engine.lr_scheduler is not None and common["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
     engine.global_steps = common["global_steps"]
@@ -264,7 +276,50 @@ def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool
     return common["client_state"]
 
 
-def _load_optimizer(engine, by_param: dict, group_settings: dict) -> None:
+def _target_group_settings(engine, names: dict, common: dict, tag_dir: str) -> list:
+    """Settings for each group of the engine's torch optimizer: those of the source group that held its
+    parameters (matched by global name). Computed before anything is loaded, so a misfit changes nothing."""
+    opt = engine.optimizer
+    if hasattr(opt, "bit16_groups"):
+        groups, model_groups = opt.optimizer.param_groups, opt.bit16_groups
+    elif isinstance(opt, torch.optim.Optimizer):
+        groups, model_groups = opt.param_groups, [g["params"] for g in opt.param_groups]
+    else:
+        return []  # _load_optimizer names the unsupported optimizer
+    if "optimizer_groups" not in common:  # resharded before per-group settings were kept: one moe, one dense
+        old = common.get("group_settings", {})
+        return [old.get("moe" if g.get("moe") else "dense", {}) for g in groups]
+    source = common["optimizer_groups"]
+    owner = {n: i for i, g in enumerate(source) if g is not None for n in g["params"]}
+    out = []
+    for t, params in enumerate(model_groups):
+        found = {}
+        for p in params:
+            name = names[id(p)]
+            if name not in owner:
+                raise CheckpointError(f"{os.path.join(tag_dir, COMMON_FILE)}: parameter {name} of this job's optimizer "
+                                      f"group {t} is in no optimizer group of the checkpoint; build the optimizer over "
+                                      "the same parameters as the saved run")
+            found.setdefault(owner[name], name)
+        settings = [source[i]["settings"] for i in found]
+        if any(not _same_settings(settings[0], other) for other in settings[1:]):
+            (a, na), (b, nb) = list(found.items())[:2]
+            raise CheckpointError(f"{os.path.join(tag_dir, COMMON_FILE)}: this job's optimizer group {t} holds {na} and "
+                                  f"{nb}, which the checkpoint keeps in groups {a} and {b} with different settings; "
+                                  "build the optimizer with the saved run's parameter groups")
+        out.append(settings[0] if settings else {})
+    return out
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    keys = (set(a) | set(b)) - {"name", "moe", "params"}
+    try:
+        return all(bool(a.get(k) == b.get(k)) for k in keys)
+    except (RuntimeError, TypeError):  # tensor-valued settings of another shape
+        return False
+
+
+def _load_optimizer(engine, by_param: dict, group_settings: list) -> None:
     opt = engine.optimizer
     if hasattr(opt, "bit16_groups"):  # ZeRO 1/2
         base = opt.optimizer
@@ -297,8 +352,7 @@ def _load_optimizer(engine, by_param: dict, group_settings: dict) -> None:
     else:
         raise CheckpointError(f"loading a resharded checkpoint into a {type(opt).__name__} is not supported; use "
                               "ZeRO stage 1/2 or an fp32 torch optimizer without ZeRO")
-    for group in groups:
-        settings = group_settings.get("moe" if group.get("moe") else "dense", {})
+    for group, settings in zip(groups, group_settings):  # each group its own saved lr, weight_decay, betas, …
         for key, value in settings.items():
             if key in group and key not in ("name", "moe", "params"):
                 group[key] = value

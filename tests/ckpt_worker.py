@@ -6,7 +6,10 @@
 from those checkpoints and finishes them. `save`/`save1` also save at RESHARD_AT on 2 ranks at EP=2
 and on 1 rank, and go on; `python -m omoe_ds.reshard` moves each to the other topology, where
 `resume`/`resume1` continue them. Every run dumps, per rank, its parameters, projectors, S,
-windows and full optimizer state, so the test compares them bit for bit.
+windows and full optimizer state, so the test compares them bit for bit. The resharded runs use AdamW
+with three dense groups of their own lr, weight decay and betas (GROUPS; experts split off into groups
+of their own by omoe_ds.initialize), and the targets are built with other settings (PLACEHOLDER), so that
+only the checkpoint can give each group its own.
 """
 import argparse
 import os
@@ -15,9 +18,11 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 
-from dist_worker import GLOBAL_BATCH, X, Y, build, save
+import omoe_ds
+from dist_worker import GLOBAL_BATCH, SPEC, X, Y, build, ds_config, save
 from omoe_ds.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from omoe_ds.small_job import micro_batches
+from omoe_ds.small_moe import SmallMoEClassifier
 
 STEPS = 13  # O steps at 5 and 10
 RESHARD_AT, RESHARD_END = 8, 19  # 11 more steps after the move, O steps at 10 and 15
@@ -27,6 +32,38 @@ CASES = {  # name: (ZeRO stage, gradient accumulation, stop step k)
     "zero0": (0, 1, 8),
     "gas2": (2, 2, 6),
 }
+
+
+# Three dense groups (and the expert groups split off each): lr, weight decay, betas of their own.
+GROUPS = [  # (parameter names starting with, settings)
+    (("embed.", "moes.0."), {"lr": 1e-2, "weight_decay": 0.01}),           # with MoE layer 0: gate, experts
+    (("norms.",), {"lr": 3e-3, "weight_decay": 0.0}),                      # a no-decay group
+    (("head.", "moes.1."), {"lr": 2e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)}),  # with MoE layer 1
+]
+PLACEHOLDER = {"lr": 0.5, "weight_decay": 0.3, "betas": (0.5, 0.5)}  # a target's settings before the load
+SETTING_KEYS = ("lr", "weight_decay", "betas", "eps", "amsgrad")
+
+
+def build_grouped(ep_size, stage, placeholder=False):
+    torch.manual_seed(0)
+    model = SmallMoEClassifier(SPEC, ep_size=ep_size)
+    named = list(model.named_parameters())
+    assert all(sum(n.startswith(prefixes) for prefixes, _ in GROUPS) == 1 for n, _ in named)
+    groups = [{"params": [p for n, p in named if n.startswith(prefixes)], **(PLACEHOLDER if placeholder else settings)}
+              for prefixes, settings in GROUPS]
+    engine, *_ = omoe_ds.initialize(model=model, optimizer=torch.optim.AdamW(groups), config=ds_config(stage=stage))
+    return engine
+
+
+def group_settings(engine) -> list:
+    """[(global names of the group's parameters, its settings)] for each group of the torch optimizer."""
+    from omoe_ds.checkpoint import global_parameter_names
+    names = global_parameter_names(engine.module, engine.omoe.layers)
+    opt = engine.optimizer
+    inner, model_groups = (opt.optimizer, opt.bit16_groups) if hasattr(opt, "bit16_groups") else \
+        (opt, [g["params"] for g in opt.param_groups])
+    return [([names[id(p)] for p in params], {k: group[k] for k in SETTING_KEYS})
+            for group, params in zip(inner.param_groups, model_groups)]
 
 
 def run_steps(engine, until: int) -> None:
@@ -71,18 +108,22 @@ def live_fragments(engine) -> dict:
 
 def reshard_source(out, ep_size, stage):
     """Train to RESHARD_AT, save, record the live optimizer state, and go on on these ranks."""
-    engine = build(ep_size=ep_size, base="adamw", stage=stage)
+    engine = build_grouped(ep_size, stage)
     run_steps(engine, RESHARD_AT)
     save_checkpoint(engine, os.path.join(out, f"reshard_src_ep{ep_size}"))
     torch.save(live_fragments(engine), os.path.join(out, f"reshard_src_ep{ep_size}_state.rank{dist.get_rank()}.pt"))
+    torch.save(group_settings(engine), os.path.join(out, f"reshard_src_ep{ep_size}_groups.rank{dist.get_rank()}.pt"))
     run_steps(engine, RESHARD_END)
     dump(out, f"reshard_cont_ep{ep_size}", engine)
 
 
 def reshard_target(out, ep_size, source_ep):
-    engine = build(ep_size=ep_size, base="adamw", stage=2)
+    engine = build_grouped(ep_size, stage=2, placeholder=True)
+    before = group_settings(engine)
     load_checkpoint(engine, os.path.join(out, f"reshard_dst_ep{ep_size}"))
     assert engine.global_steps == RESHARD_AT
+    torch.save({"before": before, "after": group_settings(engine)},
+               os.path.join(out, f"reshard_dst_ep{ep_size}_groups.rank{dist.get_rank()}.pt"))
     run_steps(engine, RESHARD_END)
     dump(out, f"reshard_from_ep{source_ep}_to_ep{ep_size}", engine)
 

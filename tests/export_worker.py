@@ -11,9 +11,15 @@ export: rank 0 exports OUT/ckpt to OUT/export with omoe_ds.export.export_checkpo
 load: both ranks load OUT/export at EP=2 with omoe_ds.export.load_exported (no engine) and rank 0 writes the
 outputs to OUT/ep2_logits.pt; each rank also writes its local experts by global id; then the export is loaded
 again unbound and trained one step through omoe_ds.initialize.
-all: train, export and load in one launch (what tests/test_export.py runs).
+job: the real default model (--model minilm-l6, whose config.json names BertModel) through omoe_ds.train on
+DATA (csv): 3 steps with an O step, checkpoint at the end; the engine's last eval outputs (test split) and their
+inputs go to OUT/job_engine_outputs.pt; rank 0 exports with the CLI's main to OUT/job_export; then
+omoe_ds.train runs again with --model OUT/job_export at EP=1 (OUT/job_again).
+all: train, export, load and job in one launch (what tests/test_export.py runs).
 """
 import argparse
+import contextlib
+import io
 import os
 
 import deepspeed.comm as dist
@@ -116,13 +122,61 @@ def load(args):
     dist.barrier()
 
 
+JOB_STEPS = 3  # O step at 2 (--skip-step 2); the checkpoint at step 3 is the final state the evals see
+
+
+def job_flags(args, out, model, ep_size):
+    return ["--model", model, "--task", "csv", "--data-dir", args.data, "--text-cols", "text", "--label-col", "label",
+            "--experts", "4", "--ep-size", str(ep_size), "--max-length", "16", "--eval-batch-size", "8",
+            "--optimizer", "omoe", "--skip-step", "2", "--lr", "1e-3", "--output-dir", out,
+            "--deepspeed_config", args.ds_config]
+
+
+def job(args):
+    from omoe_ds import train as train_job
+    from omoe_ds.export import main as export_cli
+    from omoe_ds.features import model_input_columns
+    captured = {}
+    predict = train_job.predict
+
+    def capturing(engine, split, batch_size):  # the job's own engine outputs; the last call is the test split
+        outputs = predict(engine, split, batch_size)
+        captured.update(step=engine.global_steps, logits=torch.from_numpy(outputs["logits"]),
+                        inputs=split.with_format("torch", columns=model_input_columns(split))[:])
+        return outputs
+
+    train_job.predict = capturing
+    try:
+        train_job.main([*job_flags(args, os.path.join(args.out, "job"), "minilm-l6", 2),
+                        "--max-steps", str(JOB_STEPS), "--save-every", str(JOB_STEPS)])
+    finally:
+        train_job.predict = predict
+    status = os.path.join(args.out, "job_export.status")
+    if dist.get_rank() == 0:
+        torch.save(captured, os.path.join(args.out, "job_engine_outputs.pt"))
+        err = io.StringIO()  # the test shows the CLI's message; the tiny-model tests of this launch go on
+        with contextlib.redirect_stderr(err):
+            code = export_cli(["--ckpt", os.path.join(args.out, "job", "checkpoints"),
+                               "--out", os.path.join(args.out, "job_export")])
+        with open(status, "w") as f:
+            f.write(f"exit {code}\n{err.getvalue()}")
+    dist.barrier()
+    with open(status) as f:
+        if not f.read().startswith("exit 0\n"):
+            return
+    train_job.main([*job_flags(args, os.path.join(args.out, "job_again"), os.path.join(args.out, "job_export"), 1),
+                    "--max-steps", "3", "--save-every", "3"])
+
+
 def all_suites(args):
     train(args)
     export(args)
     load(args)
+    if args.data:
+        job(args)
 
 
-SUITES = {"train": train, "export": export, "load": load, "all": all_suites}
+SUITES = {"train": train, "export": export, "load": load, "job": job, "all": all_suites}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -130,6 +184,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     parser.add_argument("--model")
     parser.add_argument("--ep-size", type=int, default=2)
+    parser.add_argument("--data", help="csv data dir (text, label) for the job suite")
+    parser.add_argument("--ds-config", help="DeepSpeed JSON for the job suite")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     collectives.init_distributed()

@@ -1,7 +1,9 @@
 """Checkpoints: a run stopped at step k and resumed ends bit-identical to the uninterrupted run
 (parameters, optimizer state, projectors, S, windows, counters), and every checkpoint that does not
 fit the job is refused with one error naming the file, leaving the checkpoint untouched."""
+import copy
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -12,8 +14,8 @@ import pytest
 import torch
 
 import omoe_ds
-from omoe_ds.checkpoint import (COMPLETE_MARKER, CheckpointError, expert_file, latest_complete_tag, load_checkpoint,
-                                save_checkpoint)
+from omoe_ds.checkpoint import (COMPLETE_MARKER, CheckpointError, expert_file, expert_name_parts, latest_complete_tag,
+                                load_checkpoint, save_checkpoint)
 from omoe_ds.collectives import free_local_port
 from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
@@ -114,7 +116,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("source,target", [(2, 1), (1, 2)])
 def test_resharded_run_continues_like_the_original(runs, source, target):
     """Saved at step 8 on one topology, moved, and run 11 more steps (O steps 10 and 15) on the other:
-    it ends where the original run ends on its own ranks, AdamW moments and all."""
+    it ends where the original run ends on its own ranks, AdamW moments and every group's settings included."""
     original, moved = f"reshard_cont_ep{source}", f"reshard_from_ep{source}_to_ep{target}"
     for key in ("params", "projectors"):
         assert max_diff(merged(runs, moved, key), merged(runs, original, key)) < 1e-6
@@ -122,6 +124,34 @@ def test_resharded_run_continues_like_the_original(runs, source, target):
     at_move = torch.load(runs / f"reshard_dst_ep{target}" / "global_step8" / "universal_layer0_e1.pt")
     name = next(n for n in at_move if n.endswith("0.weight"))
     assert max_diff({"w": merged(runs, original)["layer0.expert1.w1.weight"]}, {"w": at_move[name]["param"]}) > 1e-4
+
+
+def plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("source,target", [(2, 1), (1, 2)])
+def test_resharded_optimizer_groups_keep_their_own_settings(runs, source, target):
+    """Three dense groups of their own lr, weight decay (one of them 0) and betas, and the expert groups split off
+    two of them (ckpt_worker.GROUPS): after the move, each target group has the settings of the source group that
+    held its parameters, not the first group's, nor the placeholder settings the target was built with."""
+    saved = {}
+    for f in runs.glob(f"reshard_src_ep{source}_groups.rank*.pt"):
+        for names, settings in torch.load(f, weights_only=False):
+            saved.update({n: {k: plain(v) for k, v in settings.items()} for n in names})
+    dense = {(s["lr"], s["weight_decay"]) for n, s in saved.items() if expert_name_parts(n) is None}
+    assert len(dense) == 3 and len({lr for lr, _ in dense}) == 3 and len({wd for _, wd in dense}) == 3
+    files = sorted(runs.glob(f"reshard_dst_ep{target}_groups.rank*.pt"))
+    assert len(files) == target
+    for f in files:
+        record = torch.load(f, weights_only=False)
+        assert len(record["after"]) == 5  # 3 dense groups, 2 expert groups
+        for (names, settings), (names_before, placeholder) in zip(record["after"], record["before"]):
+            assert names == names_before and names
+            settings = {k: plain(v) for k, v in settings.items()}
+            assert all(saved[n] == settings for n in names), (names[0], settings, saved[names[0]])
+            assert plain(placeholder["lr"]) != settings["lr"] and plain(placeholder["betas"]) != settings["betas"]
 
 
 @pytest.mark.distributed
@@ -139,7 +169,7 @@ def test_consolidated_state_equals_the_live_partitions(runs, source):
     assert fragments.keys() == consolidated.keys()
     for name, pieces in fragments.items():
         entry = consolidated[name]
-        assert int(entry["state"]["step"]) == 8
+        assert int(entry["state"]["step"]) == (8 if expert_name_parts(name) else 7)  # O step 5 moves experts only
         for key in ("param", "exp_avg", "exp_avg_sq"):
             full = entry["param"] if key == "param" else entry["state"][key]
             rebuilt = torch.full((full.numel(),), float("nan"))
@@ -169,11 +199,11 @@ def test_reshard_refusals_leave_everything_untouched(runs, tmp_path):
 SPEC = SmallMoESpec(d_in=8, d_model=16, d_ff=24, num_layers=2, num_experts=4, num_classes=4, seq_len=6)
 
 
-def build_engine(spec=SPEC, omoe=True, seed=0):
+def build_engine(spec=SPEC, omoe=True, seed=0, **omoe_settings):
     torch.manual_seed(seed)
     model = SmallMoEClassifier(spec, ep_size=1)
     config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "steps_per_print": 10 ** 9,
-              "zero_optimization": {"stage": 0}, "omoe": {"enabled": omoe, "skip_step": 2}}
+              "zero_optimization": {"stage": 0}, "omoe": {"enabled": omoe, "skip_step": 2, **omoe_settings}}
     os.environ["LOCAL_RANK"] = "0"  # DeepSpeed's engine asks for it; the launches below set their own
     try:
         engine, *_ = omoe_ds.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
@@ -202,6 +232,7 @@ def saved(single_process_group, tmp_path_factory):
     root = tmp_path_factory.mktemp("one")
     save_checkpoint(build_engine(), str(root / "omoe"))
     save_checkpoint(build_engine(omoe=False), str(root / "plain"))
+    save_checkpoint(build_engine(lam=0.5, total_steps=20), str(root / "decay"))  # α decays over n = 20 steps
     return root
 
 
@@ -262,3 +293,67 @@ def test_latest_complete_tag_skips_a_save_that_died(saved, single_process_group,
     engine = build_engine(seed=7)
     load_checkpoint(engine, str(ckpt))
     assert engine.global_steps == 4
+
+
+# ---- a resume that would change the math ---------------------------------------------------------
+def engine_state(engine):
+    return {"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+            "optimizer": copy.deepcopy(engine.optimizer.state_dict()),
+            "S": [[S.clone() for S in per_w] for per_w in engine.omoe.S],
+            "P": {k: P.clone() for k, P in engine.omoe.projectors_by_global_id().items()},
+            "counters": [engine.global_steps, engine.omoe.o_steps_done, engine.omoe.prepared_step]}
+
+
+@pytest.mark.parametrize("which,change,match", [
+    ("omoe", {"skip_step": 3}, r"skip_step 2 saved, 3 now.*\"skip_step\": 2.*--skip-step 2"),
+    ("omoe", {"alpha0": 0.25}, r"alpha0 1.0 saved, 0.25 now.*\"alpha0\": 1.0.*--alpha0 1.0"),
+    ("omoe", {"loo_divisor": "M"}, r"loo_divisor 'M-1' saved, 'M' now.*\"loo_divisor\": \"M-1\""),
+    ("omoe", {"lam": 0.5, "total_steps": 20}, r"lam 1.0 saved, 0.5 now.*--lam 1.0"),
+    ("decay", {"lam": 0.5, "total_steps": 30}, r"total_steps 20 saved, 30 now.*\"total_steps\": 20"),
+    ("omoe", {"skip_step": 4, "alpha0": 2.0}, r"skip_step 2 saved, 4 now; alpha0 1.0 saved, 2.0 now"),
+])
+def test_resume_with_another_omoe_section_is_refused_before_anything_loads(saved, single_process_group, tmp_path,
+                                                                          which, change, match):
+    """skip_step, alpha0, lam and loo_divisor change the math; so does total_steps (n in α0·λ^(i/n)) when λ < 1.
+    The refusal names the old and new values and the setting to resume with, before any state is loaded."""
+    ckpt = copy_of(saved, tmp_path, which)
+    engine = build_engine(seed=3, **change)
+    before, files = engine_state(engine), fingerprint(ckpt)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(engine, str(ckpt))
+    assert fingerprint(ckpt) == files
+    assert differences(engine_state(engine), before) == []
+
+
+def test_resume_may_change_what_does_not_change_the_math(saved, single_process_group):
+    """total_steps is free where λ = 1 (α stays α0); a checkpoint whose λ < 1 keeps it too (refused above)."""
+    engine = build_engine(seed=3, total_steps=1000)  # the checkpoint: λ = 1, total_steps None
+    load_checkpoint(engine, str(saved / "omoe"))
+    assert engine.global_steps == 4 and engine.omoe.config.total_steps == 1000
+    engine = build_engine(seed=3, lam=0.5, total_steps=20)
+    load_checkpoint(engine, str(saved / "decay"))
+    assert engine.global_steps == 4
+    with pytest.raises(CheckpointError, match=r"total_steps 20 saved, 21 now"):
+        load_checkpoint(build_engine(seed=3, lam=0.5, total_steps=21), str(saved / "decay"))
+
+
+# ---- the deferred O step -------------------------------------------------------------------------
+def test_deferred_o_step_round_trips_and_is_none_in_older_checkpoints(single_process_group, tmp_path):
+    """An O step that fp16 overflow skipped (deferred_o_step) survives a checkpoint; a checkpoint written
+    before the counter existed restores None."""
+    source = build_engine()
+    source.omoe.deferred_o_step = 4
+    save_checkpoint(source, str(tmp_path / "ckpt"))
+    engine = build_engine(seed=5)
+    load_checkpoint(engine, str(tmp_path / "ckpt"))
+    assert engine.omoe.deferred_o_step == 4
+    tag_dir = tmp_path / "ckpt" / "global_step4"  # as an older omoe_ds wrote it: no such key
+    meta = torch.load(tag_dir / "omoe_meta.pt", weights_only=False)
+    del meta["omoe"]["deferred_o_step"]
+    torch.save(meta, tag_dir / "omoe_meta.pt")
+    marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    marker["files"]["omoe_meta.pt"] = os.path.getsize(tag_dir / "omoe_meta.pt")
+    (tag_dir / COMPLETE_MARKER).write_text(json.dumps(marker))
+    engine.omoe.deferred_o_step = 7
+    load_checkpoint(engine, str(tmp_path / "ckpt"))
+    assert engine.omoe.deferred_o_step is None

@@ -3,7 +3,8 @@ loads back on any EP size without the engine, and a checkpoint that does not fit
 the mismatch named, the checkpoint left as it was.
 
 The distributed tests train a tiny BERT MoE on 2 ranks at EP=2 (tests/export_worker.py), export it through the
-CLI, load the export in this process at EP=1 and on 2 ranks at EP=2, and compare outputs with the engine's.
+CLI, load the export in this process at EP=1 and on 2 ranks at EP=2, and compare outputs with the engine's; the
+same launch runs the training job on the real default model (minilm-l6) and exports and retrains that.
 The error tests use a checkpoint saved by a one-process engine in this process.
 """
 import hashlib
@@ -366,11 +367,16 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def ep2_run(tiny_bert, tmp_path_factory):
+def ep2_run(tiny_bert, tiny_data, tmp_path_factory):
     """One 2-rank launch: train at EP=2 and save to out/ckpt, export to out/export, load that at EP=2 (outputs,
-    experts) and train it further; then the CLI exports out/ckpt again, to out/cli_export."""
+    experts) and train it further; run omoe_ds.train on minilm-l6 (out/job), export it with the CLI's main
+    (out/job_export) and train that further (out/job_again). Then the CLI exports out/ckpt again, to
+    out/cli_export."""
     out = tmp_path_factory.mktemp("ep2")
-    launch("all", out, "--model", tiny_bert)
+    ds = json.loads(open(os.path.join(ROOT, "ds_configs", "finetune_zero2.json")).read())
+    ds["train_micro_batch_size_per_gpu"] = 4
+    (out / "ds.json").write_text(json.dumps(ds))
+    launch("all", out, "--model", tiny_bert, "--data", tiny_data, "--ds-config", str(out / "ds.json"))
     before = snapshot(out / "ckpt")
     proc = cli("--ckpt", str(out / "ckpt"), "--out", str(out / "cli_export"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -452,3 +458,48 @@ def test_every_exported_tensor_is_the_checkpoint_file_tensor_bit_for_bit(ep2_run
         warnings.simplefilter("ignore")
         source = read_checkpoint(str(ep2_run / "ckpt"))
     assert source.state_dict.keys() == exported.keys()
+
+
+@pytest.mark.distributed
+def test_the_default_jobs_minilm_checkpoint_exports_loads_and_trains_further(ep2_run, single_process_group):
+    """The real MiniLM's config.json names BertModel; the job trained a BertForSequenceClassification and must say
+    so in its checkpoint, so that export, load_exported and --model <export dir> work on the default model."""
+    from export_worker import JOB_STEPS
+    status = (ep2_run / "job_export.status").read_text()
+    assert status.startswith("exit 0\n"), f"python -m omoe_ds.export of the job's checkpoint failed: {status}"
+    tag = ep2_run / "job" / "checkpoints" / f"global_step{JOB_STEPS}"
+    for config_path in (tag / "hf_model" / "config.json", ep2_run / "job_export" / "config.json"):
+        config = json.loads(config_path.read_text())
+        assert config["architectures"] == ["BertForSequenceClassification"], config_path
+        assert config["omoe_job"]["head"] == "sequence_classification" and config["hidden_size"] == 384
+    engine = torch.load(ep2_run / "job_engine_outputs.pt", weights_only=False)  # the job's last eval: test split
+    assert engine["step"] == JOB_STEPS
+    model = load_exported(str(ep2_run / "job_export"), head="sequence_classification")
+    with torch.no_grad():
+        got = model(**{k: v for k, v in engine["inputs"].items() if k != "labels"}).logits
+    # the same fp32 weights at EP=2 in batches of 8 per rank and at EP=1 in one batch: rounding only
+    assert (got - engine["logits"]).abs().max().item() <= TOL
+    again = json.loads((ep2_run / "job_again" / "results.json").read_text())
+    assert again["steps"] == 3 and again["o_steps"] == 1 and again["model"] == str(ep2_run / "job_export")
+    again_config = ep2_run / "job_again" / "checkpoints" / "global_step3" / "hf_model" / "config.json"
+    assert json.loads(again_config.read_text())["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_an_older_jobs_checkpoint_naming_the_pretrained_base_class_exports_as_the_head_trained(ckpt_copy, tmp_path):
+    """Checkpoints written before the job recorded its head carry the pretrained config's architectures (MiniLM:
+    BertModel) over a classifier's tensors: export says so and exports the head the tensors are; an explicit
+    --config naming the base class is still refused."""
+    path = ckpt_copy / "step2" / "hf_model" / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = ["BertModel"]
+    path.write_text(json.dumps(config))
+    before = snapshot(ckpt_copy)
+    with pytest.warns(UserWarning, match=r"names architectures \['BertModel'\].*exporting it as "
+                                         r"BertForSequenceClassification"):
+        out = export_checkpoint(str(ckpt_copy), str(tmp_path / "export"))
+    assert snapshot(ckpt_copy) == before
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["architectures"] == \
+        ["BertForSequenceClassification"]
+    assert load_exported(out, head="sequence_classification", bind_groups=False) is not None
+    refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", "BertModel", "bert.embeddings"],
+            config_dir=str(ckpt_copy / "step2" / "hf_model"))

@@ -90,6 +90,21 @@ def test_resume_refusals(tiny_bert, tiny_data, tmp_path):
         main([*job_args(tiny_bert, tiny_data, tmp_path / "none"), "--resume", "--overwrite"])
 
 
+def test_resume_with_another_skip_step_is_refused_before_the_engine(uninterrupted, tiny_bert, tiny_data, tmp_path,
+                                                                     single_process_group):
+    """The job compares the "omoe" section with the checkpoint's before initialize writes anything (monitor files)."""
+    import shutil
+    from omoe_ds.checkpoint import CheckpointError
+    from omoe_ds.train import main
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    before = fingerprint(out)
+    with pytest.raises(CheckpointError, match=r"skip_step 5 saved, 3 now.*--skip-step 5"):
+        main([*job_args(tiny_bert, tiny_data, out), *STEPS[:-4], "--skip-step", "3", "--lr", "1e-3", "--resume"])
+    assert not (out / "monitor").exists()
+    assert fingerprint(out) == before
+
+
 def test_an_exported_run_trains_further(uninterrupted, tiny_data, tmp_path):
     """The finished run, exported to one directory, is a --model for the job again (at another EP size)."""
     from omoe_ds.export import export_checkpoint
