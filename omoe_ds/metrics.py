@@ -89,9 +89,20 @@ def squad(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> Di
     return {"exact_match": 100.0 * float(np.mean(exact)), "f1": 100.0 * float(np.mean(f1))}
 
 
+def _prefixed(tag: str) -> str:
+    """seqeval reads a tag's first letter as its chunk prefix: a bare IO tag "PER" must reach it as "I-PER"."""
+    return tag if tag == "O" or tag[:2] in ("B-", "I-", "E-", "S-") else f"I-{tag}"
+
+
 def seqeval(predictions: List[List[str]], references: List[List[str]]) -> Dict[str, float]:
-    """Entity-level scores over BIO tag-name sequences (conlleval rules), plus token accuracy."""
+    """Entity-level scores over BIO or IO tag-name sequences, plus token accuracy.
+
+    seqeval's default mode (conlleval rules) starts an entity at B-, or at an I- after O or another type,
+    so IO tags, which have no B-, chunk correctly; its strict IOB2 mode would drop every IO entity.
+    """
     from seqeval import metrics as seq
+    predictions = [[_prefixed(tag) for tag in row] for row in predictions]
+    references = [[_prefixed(tag) for tag in row] for row in references]
     return {"f1": float(seq.f1_score(references, predictions, zero_division=0)),
             "precision": float(seq.precision_score(references, predictions, zero_division=0)),
             "recall": float(seq.recall_score(references, predictions, zero_division=0)),

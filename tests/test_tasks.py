@@ -286,3 +286,204 @@ def test_text_cols_are_refused_for_fixed_format_tasks():
 def test_task_spec_rejects_an_unknown_head():
     with pytest.raises(OMoEConfigError, match="head 'ranking'"):
         tasks.TaskSpec("x", "ranking", 2, (), "accuracy", "accuracy")
+
+
+# ---------------------------------------------------------------- local token classification and QA
+
+def ner_rows(tags_per_row):
+    words = ("Ada", "Lovelace", "met", "Babbage", "in", "London", "today", "again")
+    return [{"tokens": list(words[:len(tags)]), "ner_tags": list(tags)} for tags in tags_per_row]
+
+
+BIO_ROWS = [["B-PER", "I-PER", "O", "B-PER", "O", "B-LOC"], ["O", "O", "O", "B-LOC", "I-LOC"]]
+
+
+def test_local_ner_json_infers_the_head_and_a_tag_set_of_its_own(tmp_path):
+    data_dir = write_splits(tmp_path, {"train": ner_rows(BIO_ROWS), "dev": ner_rows(BIO_ROWS[1:])}, "jsonl")
+    # the command: tokens + ner_tags lists, no --head
+    spec, raw = load_task("json", data_dir=data_dir, text_cols=["tokens"], label_col="ner_tags")
+    assert spec == tasks.TaskSpec("json", "token_classification", 5, ("O", "B-LOC", "I-LOC", "B-PER", "I-PER"),
+                                  "seqeval", "f1")
+    assert raw["train"].column_names == ["tokens", "tags"]
+    assert raw["train"]["tags"] == [[3, 4, 0, 3, 0, 1], [0, 0, 0, 1, 2]]
+    assert raw["dev"][0] == {"tokens": ["Ada", "Lovelace", "met", "Babbage", "in"], "tags": [0, 0, 0, 1, 2]}
+    # without flags the tokens / ner_tags columns are found by name; --head says the same
+    assert load_task("json", data_dir=data_dir)[0] == spec
+    assert load_task("json", data_dir=data_dir, head="token_classification")[0] == spec
+
+
+def test_local_ner_io_tags_prefixed_or_bare(tmp_path):
+    io_rows = [["I-PER", "I-PER", "O", "I-ORG"], ["O", "I-ORG"]]
+    spec, raw = load_task("json", data_dir=write_splits(tmp_path / "io", {"train": ner_rows(io_rows),
+                                                                         "dev": ner_rows(io_rows)}, "jsonl"))
+    assert spec.label_names == ("O", "I-ORG", "I-PER") and raw["train"]["tags"] == [[2, 2, 0, 1], [0, 1]]
+    bare_rows = [["PER", "PER", "O", "ORG"], ["O", "ORG"]]
+    spec, raw = load_task("parquet", data_dir=write_splits(tmp_path / "bare", {"train": ner_rows(bare_rows),
+                                                                              "dev": ner_rows(bare_rows)}, "parquet"))
+    assert spec.label_names == ("O", "ORG", "PER") and raw["dev"]["tags"] == [[2, 2, 0, 1], [0, 1]]
+
+
+def test_local_ner_integer_tags_take_their_names_from_label_names_or_the_data(tmp_path):
+    int_rows = [[1, 2, 0, 1, 0, 3], [0, 0, 0, 3, 4]]
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    data_dir = write_splits(tmp_path / "ints", {"train": ner_rows(int_rows), "validation": ner_rows(int_rows)},
+                            "jsonl")
+    spec, raw = load_task("json", data_dir=data_dir, label_col="ner_tags", label_names=",".join(names))
+    assert (spec.head, spec.label_names, spec.num_labels) == ("token_classification", tuple(names), 5)
+    assert raw["train"]["tags"] == int_rows
+    with pytest.raises(OMoEConfigError, match=r"'ner_tags' holds integer tag ids but no tag names.*--label-names"):
+        load_task("json", data_dir=data_dir)
+    with pytest.raises(OMoEConfigError, match=r"label 4, out of range for 4 classes.*--label-names"):
+        load_task("json", data_dir=data_dir, label_names=names[:4])
+    # a saved dataset carries the names in its ClassLabel feature
+    features = datasets.Features({"tokens": datasets.List(datasets.Value("string")),
+                                  "ner_tags": datasets.List(datasets.ClassLabel(names=["O", "B-GENE", "I-GENE"]))})
+    split = datasets.Dataset.from_dict({"tokens": [["BRCA1", "binds", "p53"]], "ner_tags": [[1, 0, 1]]},
+                                       features=features)
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(tmp_path / "saved"))
+    spec, raw = load_task("generic", data_dir=str(tmp_path / "saved"))
+    assert spec.label_names == ("O", "B-GENE", "I-GENE") and raw["dev"]["tags"] == [[1, 0, 1]]
+
+
+def test_conll2003_local_files_may_bring_another_tag_set(tmp_path):
+    gene = [{"tokens": ["BRCA1", "binds", "p53"], "ner_tags": ["B-GENE", "O", "B-GENE"]}]
+    spec, raw = load_task("conll2003", data_dir=write_splits(tmp_path / "gene", {"train": gene, "dev": gene}, "jsonl"))
+    assert (spec.name, spec.num_labels, spec.label_names) == ("conll2003", 2, ("O", "B-GENE"))
+    assert raw["train"]["tags"] == [[1, 0, 1]]
+    # CoNLL's own tags, as strings, keep CoNLL's ids even where train lacks some of them
+    conll = [{"tokens": ["EU", "rejects", "German"], "ner_tags": ["B-ORG", "O", "B-MISC"]}]
+    spec, raw = load_task("conll2003", data_dir=write_splits(tmp_path / "conll", {"train": conll, "dev": conll},
+                                                             "jsonl"))
+    assert spec.label_names == CONLL_TAGS and raw["dev"]["tags"] == [[3, 0, 7]]
+    # integer ids beyond CoNLL's nine need names: the error says how to give them
+    spec, _ = load_task("conll2003", data_dir=write_splits(tmp_path / "ids", {
+        "train": [{"tokens": ["a", "b"], "ner_tags": [0, 9]}], "dev": [{"tokens": ["a"], "ner_tags": [9]}]}, "jsonl"),
+        label_names=list(CONLL_TAGS) + ["B-DATE"])
+    assert spec.num_labels == 10 and spec.label_names[9] == "B-DATE"
+    with pytest.raises(OMoEConfigError, match=r"label 9, out of range for 9 classes.*write the tags as strings, or "
+                                              r"pass --label-names"):
+        load_task("conll2003", data_dir=str(tmp_path / "ids"))
+
+
+CONLL_TAGS = tasks.CONLL_TAGS
+
+
+def squad_rows(n, with_id=True):
+    rows = []
+    for i in range(n):
+        context = f"Ada {i} was born in London."
+        row = {"question": "Where was Ada born?", "context": context,
+               "answers": {"text": ["London", "in London"], "answer_start": [context.index("London"),
+                                                                           context.index("in London")]}}
+        rows.append({"id": f"q{i}", **row} if with_id else row)
+    return rows
+
+
+def test_local_squad_json_is_question_answering(tmp_path):
+    data_dir = write_splits(tmp_path / "a", {"train": squad_rows(3), "dev": squad_rows(2)}, "jsonl")
+    spec, raw = load_task("json", data_dir=data_dir)
+    assert spec == tasks.TaskSpec("json", "question_answering", 2, (), "squad", "exact_match")
+    assert raw["dev"][1] == {"id": "q1", "question": "Where was Ada born?", "context": "Ada 1 was born in London.",
+                             "answers": {"text": ["London", "in London"], "answer_start": [18, 15]}}
+    assert load_task("json", data_dir=data_dir, head="question_answering")[0] == spec
+    # other column names through --text-cols question,context and --label-col; ids made up where absent
+    renamed = [{"q": r["question"], "passage": r["context"], "gold": r["answers"]} for r in squad_rows(2, False)]
+    spec, raw = load_task("json", data_dir=write_splits(tmp_path / "b", {"train": renamed, "dev": renamed}, "jsonl"),
+                          text_cols="q,passage", label_col="gold")
+    assert spec.head == "question_answering" and raw["dev"]["id"] == ["dev-0", "dev-1"]
+    assert raw["train"].column_names == ["id", "question", "context", "answers"]
+
+
+def answers(text, start):
+    return {"question": "q?", "context": "Ada was born in London.", "answers": {"text": text, "answer_start": start}}
+
+
+TOKENS_TAGS = "tokens", "ner_tags"
+
+
+@pytest.mark.parametrize("train, dev, options, match", [
+    # text columns that fit no head
+    ([{"ids": [1, 2], "ner_tags": ["O", "O"]}], None, {"text_cols": "ids", "label_col": "ner_tags"},
+     r"tokens column 'ids' holds list of int64; token classification needs a list of words \(strings\)"),
+    ([{"meta": {"a": 1}, "label": 1}], None, {"text_cols": "meta"},
+     r"text column 'meta' holds dict \{a: int64\}; text columns must hold strings"),
+    ([{"tokens": ["a", "b"], "label": 1}], None, {"text_cols": "tokens"},
+     r"text column 'tokens' holds list of string; sequence classification reads one string per row: join the words"),
+    ([{"text": 3, "label": 1}], None, {}, r"text column 'text' holds int64; text columns must hold strings"),
+    ([{"text": None, "label": 1}, {"text": "b", "label": 0}], None, {},
+     r"row 0 of the train split has no text in column 'text' \(null\)"),
+    # labels that fit no head
+    ([{"text": "a", "label": {"k": 1}}], None, {},
+     r"label column 'label' holds dict \{k: int64\}; no head takes a dict per row except question answering"),
+    ([{"tokens": ["a", "b"], "ner_tags": [[1], [0]]}], None, {},
+     r"tags column 'ner_tags' holds list of list of int64; token classification needs one tag per word"),
+    ([{"tokens": ["a", "b"], "ner_tags": [0.5, 1.0]}], None, {}, r"'ner_tags' holds list of float64"),
+    ([{"tokens": ["a", "b"], "ner_tags": [True, False]}], None, {}, r"'ner_tags' holds list of bool"),
+    ([{"tokens": ["a", "b"], "ner_tags": [1, "O"]}], None, {},
+     r"'ner_tags' holds list of mixed types.*write every tag with one type"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": "x"}], None, {},
+     r"label column 'label' holds mixed types; write every label with one type"),
+    ([{"text": "a", "label": None}], None, {}, r"label column 'label' holds only nulls; every train row needs a label"),
+    # tags that are empty, unaligned, unseen or of another scheme
+    ([{"tokens": ["a"], "ner_tags": []}], None, {},
+     r"row 0 of the train split has 1 word\(s\) in column 'tokens' but 0 tag\(s\) in column 'ner_tags'"),
+    ([{"tokens": [], "ner_tags": []}], None, {}, r"row 0 of the train split has no words in column 'tokens'"),
+    ([{"tokens": ["a", "b"], "ner_tags": ["O", ""]}], None, {}, r"tag 1 of column 'ner_tags' is empty \(''\)"),
+    ([{"tokens": ["a", "b"], "ner_tags": ["O", None]}], None, {}, r"tag 1 of column 'ner_tags' is empty \(None\)"),
+    ([{"tokens": ["a", " "], "ner_tags": ["O", "O"]}], None, {}, r"word 1 of column 'tokens' is ' ', which has no sub"),
+    ([{"tokens": ["a"], "ner_tags": ["B-PER"]}], [{"tokens": ["a", "b"], "ner_tags": ["B-PER", "B-LOC"]}], {},
+     r"the dev split holds tag\(s\) \['B-LOC'\] in column 'ner_tags' absent from train"),
+    ([{"tokens": ["a"], "ner_tags": ["B-PER"]}], [{"tokens": ["a"], "ner_tags": [1]}], {},
+     r"column 'ner_tags' holds list of int64 in the dev split but list of string in train"),
+    ([{"tokens": ["a", "b"], "ner_tags": ["S-PER", "O"]}], None, {}, r"\['S-PER'\], tags of the BIOES / BILOU schemes"),
+    ([{"tokens": ["a", "b"], "ner_tags": ["B-PER", "LOC"]}], None, {},
+     r"mixes prefixed tags \['B-PER'\] and bare tags \['LOC'\]"),
+    # --head against what the columns hold
+    ([{"tokens": ["a"], "label": 1}], None, {"head": "token_classification"},
+     r"tags column 'label' holds int64; token classification needs one tag per word"),
+    ([{"text": "a", "label": [1]}], None, {"head": "sequence_classification"},
+     r"'label' holds list of int64; --head sequence_classification takes one label per row"),
+    ([{"text": "a", "label": 0.5}], None, {"head": "sequence_classification"},
+     r"fractional values such as 0.5; drop --head for regression"),
+    ([{"text": "a", "label": "pos"}], None, {"head": "regression"}, r"non-numeric regression targets such as 'pos'"),
+    ([{"text": "a", "label": 1}], None, {"head": "ranking"}, r"--head 'ranking' is not one of"),
+    # SQuAD-style answers
+    ([answers(["London"], [3])], None, {},
+     r"answer 'London' is not at answer_start 3 of its context \(which reads ' was b' there\)"),
+    ([answers([], [])], None, {}, r"row 0 of the train split has no answer in column 'answers'.*SQuAD 2.0"),
+    ([answers(["London", "in"], [16])], None, {}, r"'answers' has 2 texts but 1 answer_start offsets"),
+    ([{**answers(["London"], [16]), "id": 7}, {**answers(["London"], [16]), "id": 7}], None, {},
+     r"row 1 of the train split has id 7, like row 0"),
+    ([{"question": "q?", "context": "c", "answers": [{"text": "c", "answer_start": 0}]}], None, {},
+     r"'answers' holds list of dict \{text: string, answer_start: int64\}.*regroup it as one dict of two lists"),
+    ([{"question": "q?", "context": "c", "answers": "c"}], None, {"head": "question_answering"},
+     r"answers column 'answers' holds string; question answering needs SQuAD's answers"),
+])
+def test_local_columns_that_fit_no_head_are_refused_with_the_fix(tmp_path, train, dev, options, match):
+    data_dir = write_splits(tmp_path, {"train": train, "dev": dev or train}, "jsonl")
+    with pytest.raises(OMoEConfigError, match=match):
+        load_task("json", data_dir=data_dir, **options)
+
+
+def test_csv_cannot_hold_token_lists_and_says_so(tmp_path):
+    rows = [{"tokens": "['Ada', 'met']", "ner_tags": "['B-PER', 'O']", "label": "['B-PER', 'O']"}]
+    data_dir = write_splits(tmp_path, {"train": rows, "dev": rows}, "csv")
+    with pytest.raises(OMoEConfigError, match=r"'label' holds strings that look like lists.*a CSV cell cannot"):
+        load_task("csv", data_dir=data_dir, text_cols="tokens")
+    with pytest.raises(OMoEConfigError, match=r"tokens column 'tokens' holds string;.*\(a CSV cell cannot hold a list"):
+        load_task("csv", data_dir=data_dir, label_col="ner_tags", head="token_classification")
+
+
+def test_label_names_and_head_for_sequence_tasks(tmp_path):
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 2}]
+    data_dir = write_splits(tmp_path, {"train": rows, "dev": rows}, "jsonl")
+    spec, raw = load_task("json", data_dir=data_dir, label_names="neg,neutral,pos")
+    assert (spec.head, spec.label_names, raw["dev"]["label"]) == ("sequence_classification", ("neg", "neutral", "pos"),
+                                                                 [0, 2])
+    spec, raw = load_task("json", data_dir=data_dir, head="regression")  # integer scores as targets
+    assert (spec.head, spec.num_labels, spec.metric) == ("regression", 1, "pearson_spearman")
+    assert raw["train"]["label"] == [0.0, 2.0]
+    with pytest.raises(OMoEConfigError, match="--label-names names the integer ids.*'glue/sst2' has fixed labels"):
+        load_task("glue/sst2", data_dir=data_dir, label_names=["a", "b"])
+    with pytest.raises(OMoEConfigError, match="--head token_classification: task 'trec' is sequence_classification"):
+        load_task("trec", head="token_classification")

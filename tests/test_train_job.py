@@ -132,14 +132,20 @@ def write_jsonl(path, rows):
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def head_fixture(task, directory):
-    """Tiny local data in the hub's column format for each non-sequence-classification head."""
+GENE_WORDS = ("BRCA1", "binds", "p53", "and", "TP53", "in", "cells", "today")
+
+
+def head_fixture(case, directory):
+    """Tiny local json data for each non-sequence-classification head: a user's own NER tag set as strings
+    (BIO) and as ids (IO, named by --label-names), SQuAD-style QA, and GLUE STS-B in the hub's format."""
     directory.mkdir()
-    if task == "conll2003":
-        rows = [{"id": str(i), "tokens": ["EU", "rejects", "German", "call", str(i)], "ner_tags": [3, 0, 7, 0, 0]}
-                for i in range(32)]
-    elif task == "squad":
-        rows = [{"id": f"q{i}", "title": "T", "context": f"Paris {i} is in France.", "question": "Where is Paris?",
+    if case == "ner-strings":
+        tags = ["B-GENE", "O", "B-GENE", "O", "B-GENE", "O", "B-CELL", "O"]
+        rows = [{"tokens": [*GENE_WORDS[:7], str(i)], "ner_tags": tags} for i in range(32)]
+    elif case == "ner-ids":  # names: O, I-GENE, I-CELL
+        rows = [{"words": [*GENE_WORDS[:7], str(i)], "tags": [1, 0, 1, 0, 1, 0, 2, 0]} for i in range(32)]
+    elif case == "squad":
+        rows = [{"id": f"q{i}", "context": f"Paris {i} is in France.", "question": "Where is Paris?",
                  "answers": {"text": ["France"], "answer_start": [len(f"Paris {i} is in ")]}} for i in range(32)]
     else:  # glue/stsb
         rows = [{"sentence1": f"a cat {i}", "sentence2": f"a dog {i}", "label": float(i % 5), "idx": i} for i in range(32)]
@@ -148,15 +154,79 @@ def head_fixture(task, directory):
     return str(directory)
 
 
+# The named conll2003 / squad loaders end in the same unified columns as these local files (tests/test_tasks.py),
+# so one launch per head covers them: the local-data cases replaced the hub-format ones rather than adding launches.
 @pytest.mark.distributed
-@pytest.mark.parametrize("task,metric_keys", [("conll2003", {"f1", "precision", "recall"}),
-                                              ("squad", {"exact_match", "f1"}),
-                                              ("glue/stsb", {"pearson", "spearman"})])
-def test_two_rank_omoe_run_for_each_head(tiny_base_bert, tmp_path, task, metric_keys):
+@pytest.mark.parametrize("case,flags,head,metric_keys", [
+    ("ner-strings", ["--task", "json", "--text-cols", "tokens", "--label-col", "ner_tags"], "token_classification",
+     {"f1", "precision", "recall", "accuracy"}),
+    ("ner-ids", ["--task", "json", "--label-names", "O,I-GENE,I-CELL"], "token_classification",
+     {"f1", "precision", "recall", "accuracy"}),
+    ("squad", ["--task", "json"], "question_answering", {"exact_match", "f1"}),
+    ("stsb", ["--task", "glue/stsb"], "regression", {"pearson", "spearman"}),
+])
+def test_two_rank_omoe_run_for_each_head(tiny_base_bert, tmp_path, case, flags, head, metric_keys):
     out = tmp_path / "run"
-    launch_train_job(tmp_path, "--model", tiny_base_bert, "--task", task, "--data-dir", head_fixture(task, tmp_path / "data"),
+    launch_train_job(tmp_path, "--model", tiny_base_bert, *flags, "--data-dir", head_fixture(case, tmp_path / "data"),
                      "--experts", "4", "--ep-size", "2", "--max-length", "32", "--optimizer", "omoe", "--max-steps", "6",
                      "--skip-step", "5", "--lr", "1e-3", "--output-dir", str(out))
     results = json.loads((out / "results.json").read_text())
     assert results["o_steps"] == 1 and results["steps"] == 6
     assert metric_keys <= set(results["dev"]) and all(math.isfinite(results["dev"][k]) for k in metric_keys)
+    primary = {"token_classification": "f1", "question_answering": "exact_match", "regression": "pearson"}[head]
+    assert results["primary_metric"] == primary
+    if head != "regression":  # fractions for seqeval, percentages for SQuAD
+        assert 0 <= results["dev"][primary] <= (100 if head == "question_answering" else 1)
+
+
+def write_ner(directory, train, dev):
+    directory.mkdir()
+    write_jsonl(directory / "train.jsonl", train)
+    write_jsonl(directory / "dev.jsonl", dev)
+    return str(directory)
+
+
+NER_OK = [{"tokens": ["Ada", "met", "Babbage"], "ner_tags": ["B-PER", "O", "B-PER"]}]
+
+
+@pytest.mark.parametrize("train, dev, flags, match", [
+    # the issue's command on tags the loader cannot read: each named with its column, type and fix
+    ([{"tokens": ["a", "b"], "ner_tags": [[1], [0]]}], None, [], r"'ner_tags' holds list of list of int64"),
+    ([{"tokens": [1, 2], "ner_tags": ["O", "O"]}], None, [], r"'tokens' holds list of int64"),
+    ([{"tokens": ["a", "b"], "ner_tags": [1, 0]}], None, [], r"integer tag ids but no tag names.*--label-names"),
+    (NER_OK, [{"tokens": ["Ada"], "ner_tags": ["B-LOC"]}], [], r"dev split holds tag\(s\) \['B-LOC'\]"),
+    (NER_OK, None, ["--head", "question_answering"], r"question answering reads two text columns"),
+])
+def test_local_data_that_fits_no_head_is_refused_before_the_model_loads(tmp_path, train, dev, flags, match):
+    data = write_ner(tmp_path / "data", train, dev or train)
+    args = ["--model", str(tmp_path / "no_model_here"), "--task", "json", "--data-dir", data, "--text-cols", "tokens",
+            "--label-col", "ner_tags", "--experts", "4", "--output-dir", str(tmp_path / "out"), *flags]
+    with pytest.raises(OMoEConfigError, match=match):
+        main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_train_split_smaller_than_one_batch_is_refused_not_looped_on(single_process_group, tiny_base_bert,
+                                                                       tmp_path):
+    """8 rows under micro-batch 16: the drop_last loader is empty, and the job used to spin forever."""
+    data = write_ner(tmp_path / "data", NER_OK * 8, NER_OK)
+    out = tmp_path / "out"
+    with pytest.raises(OMoEConfigError, match=r"train split has 8 rows.*fewer than one batch of "
+                                              r"train_micro_batch_size_per_gpu=16 on each of 1 rank"):
+        main(["--model", tiny_base_bert, "--task", "json", "--data-dir", data, "--experts", "4", "--max-length", "16",
+              "--max-steps", "1", "--output-dir", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("head,num_labels,labels,out_features", [
+    ("token_classification", 5, ("O", "B-PER", "I-PER", "B-LOC", "I-LOC"), 5),
+    ("question_answering", 2, (), 2),
+])
+def test_a_checkpoint_with_another_head_gets_a_fresh_one(tiny_bert, head, num_labels, labels, out_features):
+    """tiny_bert was saved as a 3-label classifier: its encoder is kept, the task's head is new and sized right."""
+    from omoe_ds.tasks import TaskSpec
+    from omoe_ds.train import load_model, parse_args
+    spec = TaskSpec("t", head, num_labels, labels, "seqeval" if labels else "squad", "f1")
+    model = load_model(spec, tiny_bert, parse_args(["--experts", "2"]))
+    out = model.classifier if labels else model.qa_outputs
+    assert out.out_features == out_features
