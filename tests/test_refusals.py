@@ -17,6 +17,12 @@ def config(stage=0, **extra):
             "zero_allow_untested_optimizer": True, **extra}
 
 
+@pytest.fixture
+def engine_env(single_process_group, monkeypatch):
+    """A world-1 group and the LOCAL_RANK a launcher would set: deepspeed.initialize builds an engine."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+
 def small_model():
     torch.manual_seed(0)
     return SmallMoEClassifier(SPEC, ep_size=1)
@@ -44,7 +50,8 @@ def test_gradient_checkpointing_over_moe_layers_is_refused(tiny_bert):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_adagrad_under_zero_is_refused_in_every_form(stage):
+def test_adagrad_under_zero_is_refused_in_every_form(engine_env, stage):
+    """An instance or the config's type is refused before the engine; a factory when DeepSpeed calls it."""
     def adagrad(params):
         return torch.optim.Adagrad(params, lr=1e-2)
     model = small_model()
@@ -66,7 +73,7 @@ class CheckpointedMoE(SmallMoEClassifier):
         return self.head(h.mean(dim=1))
 
 
-def test_undeclared_recompute_of_an_moe_layer_fails_at_the_first_backward(single_process_group):
+def test_undeclared_recompute_of_an_moe_layer_fails_at_the_first_backward(engine_env):
     torch.manual_seed(0)
     model = CheckpointedMoE(SPEC, ep_size=1)
     engine, *_ = omoe_ds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config())
