@@ -9,6 +9,8 @@ from omoe_ds.config import OMoEConfigError
 from omoe_ds.lora import (DECODER_TARGETS, LoRAMixtureConfig, LoRAMixtureLinear, gram_schmidt, inject,
                           load_adapter, merge_and_unload, save_adapter)
 
+pytestmark = pytest.mark.lora
+
 KINDS = ("lora", "moe-lora", "omoe-lora")
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 

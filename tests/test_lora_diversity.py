@@ -12,6 +12,8 @@ from omoe_ds.config import OMoEConfigError
 from omoe_ds.lora import LoRAMixtureConfig, LoRAMixtureLinear, inject
 from omoe_ds.lora.diversity import lora_diversity, mixture_modules, plot_expert_pca
 
+pytestmark = pytest.mark.lora
+
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 D_IN, D_OUT, R, N = 24, 20, 4, 4
 
