@@ -26,10 +26,6 @@ def ep_group(ep_size: int):
     return groups._get_expert_parallel_group(f"ep_size_{ep_size}")
 
 
-def edp_group(ep_size: int):
-    return groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
-
-
 def ep_rank(ep_size: int) -> int:
     """This rank's position in its EP group; it owns experts ep_rank·E_local … (ep_rank+1)·E_local − 1."""
     return dist.get_rank(group=ep_group(ep_size)) if ep_size > 1 else 0
