@@ -28,7 +28,7 @@ SKIP_STEP = 5
 
 
 def launch_self(args):
-    # Not collectives.free_local_port: importing omoe_ds imports deepspeed, which logs to stdout before our JSON.
+    # Not environment.free_local_port: importing omoe_ds imports deepspeed, which logs to stdout before our JSON.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -52,9 +52,9 @@ def worker(args):
     from deepspeed.comm.comm import comms_logger
 
     import omoe_ds
-    from omoe_ds import collectives
-    from omoe_ds.small_job import micro_batches
-    from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
+    from omoe_ds.core import collectives
+    from omoe_ds.finetune.small_job import micro_batches
+    from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
     deepspeed.init_distributed()
     world = dist.get_world_size()

@@ -1,6 +1,7 @@
 """omoe_ds: the OMoE orthogonal expert optimizer (arXiv 2310.09762), expert-parallel through DeepSpeed."""
-from .config import OMoEConfig, OMoEConfigError
-from .convert import SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_expert_groups, convert_to_moe, moe_aux_loss
+from .core.config import OMoEConfig, OMoEConfigError
+from .finetune.convert import (SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_expert_groups, convert_to_moe,
+                               moe_aux_loss)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .initialize import initialize
 from .moe_layers import make_moe_ffn

@@ -7,10 +7,10 @@ import deepspeed
 import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
-from . import collectives
-from .config import OMoEConfig, OMoEConfigError, resolve_ds_config, zero_stage
+from .core import collectives, environment
+from .core.config import OMoEConfig, OMoEConfigError, resolve_ds_config, zero_stage
+from .core.phase import OMoE
 from .moe_layers import check_ep_sizes, find_moe_layers
-from .orthogonal_optimizer import OMoE
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -33,7 +33,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                               "add MoE layers or set \"omoe\": {\"enabled\": false}")
     if omoe_config.enabled:
         _refuse_unchecked_layouts(model, ds_config, mpu, optimizer, stage)
-    collectives.init_distributed(dist_init_required)
+    environment.init_distributed(dist_init_required)
     check_ep_sizes(layers, collectives.world_size())
 
     if model_parameters is None:

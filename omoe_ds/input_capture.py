@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from . import collectives
+from .core import collectives
 from .moe_layers import MoELayerInfo
 
 ACCUMULATOR_DTYPE = torch.float64  # window sums span many steps; the bytes are negligible

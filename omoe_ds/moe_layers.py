@@ -7,7 +7,7 @@ from typing import List
 from torch import nn
 from deepspeed.moe.layer import MoE
 
-from .config import OMoEConfigError
+from .core.config import OMoEConfigError
 
 WEIGHT_NAMES = ("w1", "w2")  # input→hidden, hidden→output
 
@@ -104,7 +104,7 @@ def expert_key(layer_index: int, global_expert: int, weight_index: int) -> str:
 
 def expert_parameters_by_global_id(layers: List[MoELayerInfo]) -> dict:
     """{"layer{L}.expert{g}.{w1|w2}.{weight|bias}": parameter} for this rank's local experts."""
-    from . import collectives
+    from .core import collectives
     out = {}
     for layer in layers:
         first = collectives.ep_rank(layer.ep_size) * layer.num_local_experts

@@ -20,9 +20,10 @@ import torch
 
 import omoe_ds
 from dist_worker import GLOBAL_BATCH, SPEC, X, Y, build, ds_config, save
-from omoe_ds.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from omoe_ds.small_job import micro_batches
-from omoe_ds.small_moe import SmallMoEClassifier
+from omoe_ds.checkpoint.layout import CheckpointError
+from omoe_ds.checkpoint.state import load_checkpoint, save_checkpoint
+from omoe_ds.finetune.small_job import micro_batches
+from omoe_ds.finetune.small_moe import SmallMoEClassifier
 
 STEPS = 13  # O steps at 5 and 10
 RESHARD_AT, RESHARD_END = 8, 19  # 11 more steps after the move, O steps at 10 and 15
@@ -57,7 +58,7 @@ def build_grouped(ep_size, stage, placeholder=False):
 
 def group_settings(engine) -> list:
     """[(global names of the group's parameters, its settings)] for each group of the torch optimizer."""
-    from omoe_ds.checkpoint import global_parameter_names
+    from omoe_ds.checkpoint.layout import global_parameter_names
     names = global_parameter_names(engine.module, engine.omoe.layers)
     opt = engine.optimizer
     inner, model_groups = (opt.optimizer, opt.bit16_groups) if hasattr(opt, "bit16_groups") else \
@@ -85,7 +86,7 @@ def dump(out, name, engine):
 def live_fragments(engine) -> dict:
     """{global name: [(offset in the parameter, {"param", "exp_avg", "exp_avg_sq"})]}: this rank's ZeRO slices,
     read through the engine's live parameter→partition links (not through the files), or whole tensors."""
-    from omoe_ds.checkpoint import global_parameter_names
+    from omoe_ds.checkpoint.layout import global_parameter_names
     names = global_parameter_names(engine.module, engine.omoe.layers)
     opt = engine.optimizer
     out = {}

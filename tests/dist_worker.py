@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from deepspeed.moe.utils import is_moe_param
 
 import omoe_ds
-from omoe_ds.diversity import expert_diversity
+from omoe_ds.core.optimizer_groups import innermost_optimizer
+from omoe_ds.finetune.small_job import micro_batches, model_dtype, train
+from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
-from omoe_ds.optimizer_groups import innermost_optimizer
-from omoe_ds.small_job import micro_batches, model_dtype, train
-from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
+from omoe_ds.studies.diversity import expert_diversity
 
 SPEC = SmallMoESpec(d_in=8, d_model=16, d_ff=24, num_layers=2, num_experts=4, num_classes=4, seq_len=6)
 STEPS = 21          # O steps at 5, 10, 15 and 20
@@ -107,7 +107,8 @@ def o_step_reference(out):
                 g = omoe.global_expert_id(L, l)
                 P_bar = (P_all.sum(0) - P_all[g]) / (layer.num_experts - 1)
                 key = f"layer{L}.expert{g}.w{w + 1}"
-                ref_w, ref_b = omoe_ds.projector.project_augmented_grad(raw[key + ".weight"], raw[key + ".bias"], P_bar)
+                ref_w, ref_b = omoe_ds.core.projector.project_augmented_grad(raw[key + ".weight"], raw[key + ".bias"],
+                                                                             P_bar)
                 scale = max(ref_w.abs().max().item(), ref_b.abs().max().item(), 1e-30)
                 errors[key] = {"weight": (projected[key + ".weight"] - ref_w).abs().max().item() / scale,
                                "bias": (projected[key + ".bias"] - ref_b).abs().max().item() / scale,
@@ -211,7 +212,7 @@ def capture_reference(out):
         report["window"][f"layer{L}.tokens"] = float(ref[L]["counts"].sum())
     xb, yb = next(micro_batches(X, Y, 5, GLOBAL_BATCH, 1))
     engine(xb, yb)  # step 5 is the first O step: the forward closes the window
-    alpha = omoe_ds.projector.alpha_at(5, 0.5, 0.5, STEPS)
+    alpha = omoe_ds.core.projector.alpha_at(5, 0.5, 0.5, STEPS)
     for L, layer in enumerate(omoe.layers):
         for e in range(4):
             for w, linear in enumerate(layer.local_experts[e]):

@@ -27,8 +27,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import omoe_ds
-from omoe_ds import collectives
-from omoe_ds.convert import MoEConversionConfig, convert_to_moe
+from omoe_ds.core import environment
+from omoe_ds.finetune.convert import MoEConversionConfig, convert_to_moe
 
 EVAL_TEXTS = ["the goal of the match", "rain and sun today", "the bank gave a loan", "cash", "a team of clouds",
               "sun rain goal bank loan match team cloud cash today"]
@@ -92,14 +92,14 @@ def train(args):
 
 def export(args):
     """Rank 0 exports OUT/ckpt to OUT/export (a library call: no engine or process group needed)."""
-    from omoe_ds.export import export_checkpoint
+    from omoe_ds.checkpoint.export import export_checkpoint
     if dist.get_rank() == 0:
         export_checkpoint(os.path.join(args.out, "ckpt"), os.path.join(args.out, "export"))
     dist.barrier()
 
 
 def load(args):
-    from omoe_ds.export import load_exported
+    from omoe_ds.checkpoint.export import load_exported
     from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
     export = os.path.join(args.out, "export")
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -133,9 +133,9 @@ def job_flags(args, out, model, ep_size):
 
 
 def job(args):
-    from omoe_ds import train as train_job
-    from omoe_ds.export import main as export_cli
-    from omoe_ds.features import model_input_columns
+    from omoe_ds.checkpoint.export import main as export_cli
+    from omoe_ds.finetune import train as train_job
+    from omoe_ds.finetune.features import model_input_columns
     captured = {}
     predict = train_job.predict
 
@@ -188,5 +188,5 @@ if __name__ == "__main__":
     parser.add_argument("--ds-config", help="DeepSpeed JSON for the job suite")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    collectives.init_distributed()
+    environment.init_distributed()
     SUITES[args.suite](args)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import transformers
 from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating
 
-from omoe_ds.checkpoint import WINDOW_LAYOUT, CheckpointError, window_partials
-from omoe_ds.convert import (MoEConversionConfig, PaddingMaskedTopKGate, _masked_top2gating, bind_expert_groups,
-                             convert_to_moe, mask_padding_in_gate)
+from omoe_ds.checkpoint.layout import WINDOW_LAYOUT, CheckpointError, window_partials
+from omoe_ds.finetune.convert import (MoEConversionConfig, PaddingMaskedTopKGate, _masked_top2gating,
+                                      bind_expert_groups, convert_to_moe, mask_padding_in_gate)
 from omoe_ds.input_capture import LayerInputWindow
 from omoe_ds.moe_layers import find_moe_layers, make_moe_ffn
 

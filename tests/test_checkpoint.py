@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import omoe_ds
-from omoe_ds.checkpoint import (COMPLETE_MARKER, CheckpointError, expert_file, expert_name_parts, latest_complete_tag,
-                                load_checkpoint, save_checkpoint)
-from omoe_ds.collectives import free_local_port
-from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
+from omoe_ds.checkpoint.layout import (COMPLETE_MARKER, CheckpointError, expert_file, expert_name_parts,
+                                       latest_complete_tag)
+from omoe_ds.checkpoint.state import load_checkpoint, save_checkpoint
+from omoe_ds.core.environment import free_local_port
+from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ["before_o", "after_o", "zero0", "gas2"]
@@ -160,7 +161,7 @@ def test_consolidated_state_equals_the_live_partitions(runs, source):
     """What reshard reassembles from DeepSpeed's files equals, bit for bit, the fp32 weights and Adam moments
     each rank held: in ZeRO-2 partitions on 2 ranks (read through the engine's live parameter links), or
     whole in the torch optimizer without ZeRO (the 1-rank source, continued under ZeRO-2 at EP=2)."""
-    from omoe_ds.reshard import consolidate
+    from omoe_ds.checkpoint.reshard import consolidate
     consolidated = consolidate(str(runs / f"reshard_src_ep{source}" / "global_step8"))["params"]
     fragments = {}
     for f in runs.glob(f"reshard_src_ep{source}_state.rank*.pt"):
@@ -180,7 +181,7 @@ def test_consolidated_state_equals_the_live_partitions(runs, source):
 
 @pytest.mark.distributed
 def test_reshard_refusals_leave_everything_untouched(runs, tmp_path):
-    from omoe_ds.reshard import reshard
+    from omoe_ds.checkpoint.reshard import reshard
     src = runs / "reshard_src_ep2"
     before = fingerprint(src)
     with pytest.raises(CheckpointError, match=r"MoE layer 0 has 4 experts, which --ep-size=3 does not divide"):

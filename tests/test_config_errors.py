@@ -8,8 +8,8 @@ from deepspeed.moe.layer import MoE
 
 import omoe_ds
 from omoe_ds import OMoEConfig, OMoEConfigError
+from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec
 from omoe_ds.moe_layers import check_ep_sizes, find_moe_layers
-from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec
 
 
 def cfg(**omoe):

@@ -9,7 +9,7 @@ import transformers
 from transformers import AlbertConfig, BertConfig, DistilBertConfig, GPT2Config, MPNetConfig, RobertaConfig
 
 from omoe_ds import OMoEConfigError
-from omoe_ds.convert import MoEConversionConfig, bind_expert_groups, convert_to_moe, moe_aux_loss
+from omoe_ds.finetune.convert import MoEConversionConfig, bind_expert_groups, convert_to_moe, moe_aux_loss
 from omoe_ds.moe_layers import find_moe_layers
 
 pytestmark = pytest.mark.usefixtures("single_process_group")

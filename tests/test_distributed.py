@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from omoe_ds.collectives import free_local_port
+from omoe_ds.core.environment import free_local_port
 
-from omoe_ds.diversity import expert_diversity
+from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec
 from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
-from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec
+from omoe_ds.studies.diversity import expert_diversity
 
 pytestmark = pytest.mark.distributed
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from omoe_ds import make_moe_ffn
-from omoe_ds.convert import bind_expert_groups
-from omoe_ds.diversity import (LayerInputSample, diverse_degree, diversity_events, expert_diversity,
-                               expert_parameter_variance)
+from omoe_ds.finetune.convert import bind_expert_groups
 from omoe_ds.moe_layers import find_moe_layers
+from omoe_ds.studies.diversity import (LayerInputSample, diverse_degree, diversity_events, expert_diversity,
+                                       expert_parameter_variance)
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 D, D_FF, M = 3, 5, 4

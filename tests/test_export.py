@@ -21,10 +21,10 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import omoe_ds
-from omoe_ds.collectives import free_local_port
-from omoe_ds.convert import MoEConversionConfig, convert_to_moe
-from omoe_ds.export import (COMPLETE_MARKER, EXPERT_INFIX, MODEL_STATES_FILE, CheckpointError, export_checkpoint,
-                            is_export, load_exported, read_checkpoint, resolve_tag_dir)
+from omoe_ds.checkpoint.export import export_checkpoint, is_export, load_exported, read_checkpoint, resolve_tag_dir
+from omoe_ds.checkpoint.layout import COMPLETE_MARKER, EXPERT_INFIX, NON_EXPERT_FILE, CheckpointError
+from omoe_ds.core.environment import free_local_port
+from omoe_ds.finetune.convert import MoEConversionConfig, convert_to_moe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -194,7 +194,7 @@ def test_expert_count_of_config_and_checkpoint_differ(ckpt_copy, tmp_path, local
     config["omoe_moe"]["num_experts"] = 8
     config_dir.mkdir()
     (config_dir / "config.json").write_text(json.dumps(config))
-    refused(ckpt_copy, tmp_path / "out", [str(ckpt_copy / "step2" / MODEL_STATES_FILE), "num_experts=[4, 4]",
+    refused(ckpt_copy, tmp_path / "out", [str(ckpt_copy / "step2" / NON_EXPERT_FILE), "num_experts=[4, 4]",
                                           "num_experts=8", str(config_dir / "config.json")], config_dir=str(config_dir))
 
 
@@ -214,7 +214,7 @@ def test_another_head_is_an_architecture_mismatch(ckpt_copy, tmp_path):
     config["architectures"] = ["BertForTokenClassification"]
     config_dir.mkdir()
     (config_dir / "config.json").write_text(json.dumps(config))
-    refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", str(ckpt_copy / "step2" / MODEL_STATES_FILE),
+    refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", str(ckpt_copy / "step2" / NON_EXPERT_FILE),
                                           "BertForTokenClassification", "bert.pooler"], config_dir=str(config_dir))
 
 
@@ -235,7 +235,7 @@ def test_another_model_type_is_an_architecture_mismatch(ckpt_copy, tmp_path):
                            intermediate_size=48, architectures=["RobertaForSequenceClassification"])
     config.omoe_moe = json.loads((ckpt_copy / "step2" / "hf_model" / "config.json").read_text())["omoe_moe"]
     config.save_pretrained(config_dir)
-    refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", str(ckpt_copy / "step2" / MODEL_STATES_FILE),
+    refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", str(ckpt_copy / "step2" / NON_EXPERT_FILE),
                                           "RobertaForSequenceClassification"], config_dir=str(config_dir))
 
 
@@ -245,7 +245,7 @@ def test_other_moe_layers_are_an_architecture_mismatch(ckpt_copy, tmp_path):
     config["omoe_moe"]["layers"] = [1]
     config_dir.mkdir()
     (config_dir / "config.json").write_text(json.dumps(config))
-    refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", str(ckpt_copy / "step2" / MODEL_STATES_FILE),
+    refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", str(ckpt_copy / "step2" / NON_EXPERT_FILE),
                                           "records 2 MoE layers", "layers [1]"], config_dir=str(config_dir))
 
 
@@ -255,11 +255,11 @@ def test_missing_model_config_asks_for_config(ckpt_copy, tmp_path):
 
 
 def test_missing_non_expert_file_is_named(ckpt_copy, tmp_path):
-    (ckpt_copy / "step2" / MODEL_STATES_FILE).unlink()
-    refused(ckpt_copy, tmp_path / "out", [str(ckpt_copy / "step2" / MODEL_STATES_FILE), "is missing"])
+    (ckpt_copy / "step2" / NON_EXPERT_FILE).unlink()
+    refused(ckpt_copy, tmp_path / "out", [str(ckpt_copy / "step2" / NON_EXPERT_FILE), "is missing"])
 
 
-@pytest.mark.parametrize("name", [MODEL_STATES_FILE, "layer_0_expert_3_mp_rank_00_model_states.pt"])
+@pytest.mark.parametrize("name", [NON_EXPERT_FILE, "layer_0_expert_3_mp_rank_00_model_states.pt"])
 def test_corrupt_file_is_named(ckpt_copy, tmp_path, name):
     path = ckpt_copy / "step2" / name
     data = path.read_bytes()
@@ -279,7 +279,7 @@ def test_file_changed_after_a_complete_save_is_named(ckpt_copy, tmp_path):
 
 
 def test_checkpoint_of_omoe_save_checkpoint_exports_without_warnings(local_ckpt, tmp_path):
-    from omoe_ds.checkpoint import save_checkpoint
+    from omoe_ds.checkpoint.state import save_checkpoint
     engine = local_ckpt["engine"]
     save_checkpoint(engine, str(tmp_path / "ckpt"), model_config=engine.module.config, tokenizer=local_ckpt["tokenizer"])
     with warnings.catch_warnings():
@@ -308,7 +308,7 @@ def test_out_inside_the_checkpoint_is_refused(ckpt_copy):
 
 
 def test_a_crash_while_writing_leaves_no_export(local_ckpt, tmp_path, monkeypatch):
-    import omoe_ds.export as export
+    import omoe_ds.checkpoint.export as export
 
     def crash(state, directory):
         (open(os.path.join(directory, "model.safetensors"), "wb")).write(b"half")
@@ -386,7 +386,7 @@ def ep2_run(tiny_bert, tiny_data, tmp_path_factory):
 
 @pytest.mark.distributed
 def test_cli_export_is_the_library_export_and_refuses_a_non_empty_out(ep2_run, capsys):
-    from omoe_ds.export import main
+    from omoe_ds.checkpoint.export import main
     cli_export, export = ep2_run / "cli_export", ep2_run / "export"
     assert (cli_export / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
     assert json.loads((cli_export / "config.json").read_text()) == json.loads((export / "config.json").read_text())
@@ -444,7 +444,7 @@ def test_every_exported_tensor_is_the_checkpoint_file_tensor_bit_for_bit(ep2_run
     tag = ep2_run / "ckpt" / TAG
     with safe_open(str(ep2_run / "cli_export" / "model.safetensors"), framework="pt") as f:
         exported = {k: f.get_tensor(k) for k in f.keys()}
-    expected = dict(torch.load(tag / MODEL_STATES_FILE, weights_only=True)["module"])
+    expected = dict(torch.load(tag / NON_EXPERT_FILE, weights_only=True)["module"])
     files = sorted(p for p in os.listdir(tag) if p.startswith("layer_"))
     assert len(files) == 8  # 2 MoE layers x 4 experts
     for name in files:

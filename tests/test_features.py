@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from omoe_ds.features import IGNORE_INDEX, encode_task, evaluate_predictions, model_input_columns
-from omoe_ds.tasks import CONLL_TAGS, TaskSpec, load_task
+from omoe_ds.finetune.features import IGNORE_INDEX, encode_task, evaluate_predictions, model_input_columns
+from omoe_ds.finetune.tasks import CONLL_TAGS, TaskSpec, load_task
 
 MAX_LENGTH = 32
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from omoe_ds.config import OMoEConfigError
+from omoe_ds.core.config import OMoEConfigError
 from omoe_ds.lora import (DECODER_TARGETS, LoRAMixtureConfig, LoRAMixtureLinear, gram_schmidt, inject,
                           load_adapter, merge_and_unload, save_adapter)
 

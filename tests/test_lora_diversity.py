@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from omoe_ds.config import OMoEConfigError
+from omoe_ds.core.config import OMoEConfigError
 from omoe_ds.lora import LoRAMixtureConfig, LoRAMixtureLinear, inject
 from omoe_ds.lora.diversity import lora_diversity, mixture_modules, plot_expert_pca
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from omoe_ds import metrics
-from omoe_ds.config import OMoEConfigError
+from omoe_ds.core.config import OMoEConfigError
+from omoe_ds.finetune import metrics
 
 
 def test_accuracy():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from omoe_ds import projector as pj
+from omoe_ds.core import projector as pj
 
 U32 = 2.0 ** -24  # fp32 unit roundoff: one rounding moves a value by at most U32 of itself
 

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 import omoe_ds
 from omoe_ds import OMoEConfigError
-from omoe_ds.small_moe import SmallMoEClassifier, SmallMoESpec
+from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec
 
 SPEC = SmallMoESpec(d_in=4, d_model=8, d_ff=12, num_layers=1, num_experts=2, num_classes=3, seq_len=4)
 

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from omoe_ds.checkpoint import COMPLETE_MARKER, FAULT_ENV, latest_complete_tag
+from omoe_ds.checkpoint.layout import COMPLETE_MARKER, latest_complete_tag
+from omoe_ds.checkpoint.state import FAULT_ENV
 from test_checkpoint import differences, fingerprint
 from test_train_job import job_args, run_train_job
 
@@ -83,7 +84,7 @@ def test_killed_rank_then_resume_equals_the_uninterrupted_run(uninterrupted, tin
 
 def test_resume_refusals(tiny_bert, tiny_data, tmp_path):
     from omoe_ds import OMoEConfigError
-    from omoe_ds.train import main
+    from omoe_ds.finetune.train import main
     with pytest.raises(OMoEConfigError, match=r"no complete checkpoint in .*checkpoints"):
         main([*job_args(tiny_bert, tiny_data, tmp_path / "none"), "--resume"])
     with pytest.raises(OMoEConfigError, match=r"--resume .* --overwrite"):
@@ -94,8 +95,8 @@ def test_resume_with_another_skip_step_is_refused_before_the_engine(uninterrupte
                                                                      single_process_group):
     """The job compares the "omoe" section with the checkpoint's before initialize writes anything (monitor files)."""
     import shutil
-    from omoe_ds.checkpoint import CheckpointError
-    from omoe_ds.train import main
+    from omoe_ds.checkpoint.layout import CheckpointError
+    from omoe_ds.finetune.train import main
     out = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
     before = fingerprint(out)
@@ -107,7 +108,7 @@ def test_resume_with_another_skip_step_is_refused_before_the_engine(uninterrupte
 
 def test_an_exported_run_trains_further(uninterrupted, tiny_data, tmp_path):
     """The finished run, exported to one directory, is a --model for the job again (at another EP size)."""
-    from omoe_ds.export import export_checkpoint
+    from omoe_ds.checkpoint.export import export_checkpoint
     exported = tmp_path / "exported"
     export_checkpoint(str(uninterrupted / "checkpoints"), str(exported))
     out = tmp_path / "again"

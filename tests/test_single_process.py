@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from omoe_ds.collectives import LAUNCHER_ENV
+from omoe_ds.core.environment import LAUNCHER_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

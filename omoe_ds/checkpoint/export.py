@@ -35,18 +35,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import OMoEConfigError
-from .convert import SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_expert_groups, convert_to_moe
+from ..core.config import OMoEConfigError
+from ..finetune.convert import SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_expert_groups, convert_to_moe
+from .layout import (COMPLETE_MARKER, COMPLETE_MARKERS, EXPERT_INFIX, HF_DIR, NON_EXPERT_FILE, CheckpointError,
+                     expert_file)
 
 EXPORT_FORMAT_VERSION = 1
-MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
-EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 _EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_STATES_RE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
-EXPERT_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
-COMPLETE_MARKER = "omoe_complete.json"  # written last by omoe_ds.checkpoint.save_checkpoint: {global_steps, files: sizes}
-COMPLETE_MARKERS = (COMPLETE_MARKER, "omoe_complete")  # the bare name is accepted too
-HF_SUBDIR = "hf_model"              # the model config and tokenizer that omoe_ds.checkpoint saves in a tag
 CONFIG_FILE = "config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -55,14 +51,6 @@ HEADS = {"base": "AutoModel", "sequence_classification": "AutoModelForSequenceCl
          "regression": "AutoModelForSequenceClassification",
          "token_classification": "AutoModelForTokenClassification",
          "question_answering": "AutoModelForQuestionAnswering"}
-
-
-try:  # one exception class for every checkpoint problem, shared with omoe_ds.checkpoint
-    from .checkpoint import CheckpointError
-except ImportError:  # pragma: no cover - omoe_ds.checkpoint absent
-    class CheckpointError(OMoEConfigError):
-        """A checkpoint or export that does not fit the model it is read into, or cannot be read or written.
-        The message names the file and the mismatch; nothing in the checkpoint has been changed."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,8 +87,8 @@ def resolve_tag_dir(ckpt: str, tag: Optional[str] = None) -> Tuple[str, str]:
     if latest is not None and latest not in tags:
         if not tags:
             raise CheckpointError(f"{latest_file} names tag {latest!r}, but {os.path.join(ckpt, latest)} holds no "
-                                  f"{MODEL_STATES_FILE} and {ckpt} has no other tag directory")
-        warnings.warn(f"{latest_file} names tag {latest!r}, whose directory holds no {MODEL_STATES_FILE}; "
+                                  f"{NON_EXPERT_FILE} and {ckpt} has no other tag directory")
+        warnings.warn(f"{latest_file} names tag {latest!r}, whose directory holds no {NON_EXPERT_FILE}; "
                       "choosing among the other tags", stacklevel=2)
         latest = None
     if complete:
@@ -114,14 +102,14 @@ def resolve_tag_dir(ckpt: str, tag: Optional[str] = None) -> Tuple[str, str]:
         return os.path.join(ckpt, chosen), chosen
     if not tags:
         raise CheckpointError(f"{ckpt} holds no checkpoint: neither `latest` nor a tag directory with "
-                              f"{MODEL_STATES_FILE}; give --ckpt a DeepSpeed save_dir or a tag directory")
+                              f"{NON_EXPERT_FILE}; give --ckpt a DeepSpeed save_dir or a tag directory")
     chosen = latest if latest is not None else _newest(ckpt, tags)
     _warn_if_incomplete(os.path.join(ckpt, chosen))
     return os.path.join(ckpt, chosen), chosen
 
 
 def _has_deepspeed_files(directory: str) -> bool:
-    return any(name == MODEL_STATES_FILE or _EXPERT_FILE_RE.match(name) or _ZERO3_STATES_RE.match(name)
+    return any(name == NON_EXPERT_FILE or _EXPERT_FILE_RE.match(name) or _ZERO3_STATES_RE.match(name)
                for name in os.listdir(directory))
 
 
@@ -153,7 +141,7 @@ def _newest(save_dir: str, tags: List[str]) -> str:
     def written(tag):
         tag_dir = os.path.join(save_dir, tag)
         steps = _read_marker(tag_dir).get("global_steps")
-        path = _marker_path(tag_dir) or os.path.join(tag_dir, MODEL_STATES_FILE)
+        path = _marker_path(tag_dir) or os.path.join(tag_dir, NON_EXPERT_FILE)
         mtime = os.path.getmtime(path) if os.path.exists(path) else os.path.getmtime(tag_dir)
         return (steps if isinstance(steps, int) else -1, mtime, tag)
     return max(tags, key=written)
@@ -317,17 +305,17 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
     its config (hf_model/ in the tag, or config_dir). Reads only; raises CheckpointError on any mismatch."""
     tag_dir, tag = resolve_tag_dir(ckpt, tag)
     zero3 = sorted(n for n in os.listdir(tag_dir) if _ZERO3_STATES_RE.match(n))
-    if zero3 and not os.path.exists(os.path.join(tag_dir, MODEL_STATES_FILE)):
+    if zero3 and not os.path.exists(os.path.join(tag_dir, NON_EXPERT_FILE)):
         raise CheckpointError(f"{os.path.join(tag_dir, zero3[0])}: a ZeRO-3 checkpoint (parameters partitioned); "
                               "omoe-ds trains MoE under ZeRO 0-2 only and cannot export it")
-    _check_marker_sizes(tag_dir, [MODEL_STATES_FILE, os.path.join(HF_SUBDIR, CONFIG_FILE)]
+    _check_marker_sizes(tag_dir, [NON_EXPERT_FILE, os.path.join(HF_DIR, CONFIG_FILE)]
                         + sorted(n for n in os.listdir(tag_dir) if _EXPERT_FILE_RE.match(n)))
     explicit = config_dir is not None
-    config, config_path = _read_config(config_dir if explicit else os.path.join(tag_dir, HF_SUBDIR), tag_dir, explicit)
+    config, config_path = _read_config(config_dir if explicit else os.path.join(tag_dir, HF_DIR), tag_dir, explicit)
     conversion = _conversion_config(config.omoe_moe, config_path)
     M = conversion.num_experts
 
-    states_path = os.path.join(tag_dir, MODEL_STATES_FILE)
+    states_path = os.path.join(tag_dir, NON_EXPERT_FILE)
     states = _torch_load(states_path, "DeepSpeed's model-states file (every non-expert tensor and the gates)")
     if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
         raise CheckpointError(f"{states_path} is not a DeepSpeed model-states file: it holds no 'module' state dict")
@@ -401,7 +389,7 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
                                   f"{too_high[0]}, but {config_path} says omoe_moe.num_experts={M} (ids 0..{M - 1})")
         missing = [g for g in range(M) if g not in files]
         if missing:
-            path = os.path.join(tag_dir, EXPERT_FILE.format(layer=L, expert=missing[0]))
+            path = os.path.join(tag_dir, expert_file(L, missing[0]))
             raise CheckpointError(f"{path} is missing: MoE layer {L} ({name}) needs one file per expert 0..{M - 1}, and "
                                   f"{len(missing)} of them ({', '.join(map(str, missing))}) are absent; the checkpoint "
                                   "is incomplete (an interrupted save?) — export another tag with --tag")
@@ -514,7 +502,7 @@ def export_checkpoint(ckpt: str, out: str, tag: Optional[str] = None, config_dir
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the export is an ordinary directory
         _write_tensors(_independent(source.state_dict), tmp)
         config.save_pretrained(tmp)
-        for hf_dir in (os.path.dirname(source.config_path), os.path.join(source.tag_dir, HF_SUBDIR)):
+        for hf_dir in (os.path.dirname(source.config_path), os.path.join(source.tag_dir, HF_DIR)):
             names = sorted(n for n in os.listdir(hf_dir) if _is_tokenizer_file(hf_dir, n)) if os.path.isdir(hf_dir) else []
             for name in names:  # the tokenizer beside the config used, else the checkpoint's own
                 shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, name))
@@ -652,9 +640,9 @@ def load_exported(path: str, ep_size: int = 1, head=None, bind_groups: bool = Tr
                                   f"head=None (or {cls.__name__})")
 
     ep_rank = 0
-    from . import collectives
+    from ..core import collectives, environment
     if ep_size > 1 or bind_groups:
-        collectives.init_distributed()
+        environment.init_distributed()
         world = collectives.world_size()
         if world % ep_size:
             raise CheckpointError(f"ep_size={ep_size} does not divide the world size {world}; launch a multiple of "

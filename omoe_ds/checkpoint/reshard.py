@@ -33,13 +33,12 @@ from typing import Dict
 
 import torch
 
-from . import collectives
-from .checkpoint import (COMPLETE_MARKER, HF_DIR, META_FILE, NON_EXPERT_FILE, WINDOW_LAYOUT, CheckpointError,
-                         expert_file, expert_name_parts, projector_file, rank_file, read_marker, resolve_tag_dir,
-                         universal_expert_file, window_partials, write_json_atomic)
-
-DENSE_FILE = "universal_dense.pt"
-COMMON_FILE = "universal_common.pt"
+from ..core import collectives
+from ..moe_layers import find_moe_layers
+from .layout import (COMMON_FILE, COMPLETE_MARKER, DENSE_FILE, EXPERT_INFIX, HF_DIR, META_FILE, NON_EXPERT_FILE,
+                     WINDOW_LAYOUT, CheckpointError, expert_file, expert_name_parts, global_parameter_names,
+                     projector_file, rank_file, read_marker, resolve_tag_dir, universal_expert_file, window_partials,
+                     write_json_atomic)
 
 
 def _load(path: str):
@@ -60,7 +59,7 @@ def _to_global(name: str, rank: int, meta: dict, layer_of: Dict[str, int]) -> st
     layer = meta["layers"][layer_of[prefix]]
     ep = layer["ep_size"]
     global_id = (rank % ep) * (layer["num_experts"] // ep) + local  # EP groups are contiguous ranks
-    return f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{global_id}.{rest}"
+    return f"{prefix}{EXPERT_INFIX}{global_id}.{rest}"
 
 
 def consolidate(tag_dir: str) -> dict:
@@ -246,8 +245,6 @@ def _target_window(source_ranks, L: int, layer: dict, ep_size: int, rank: int) -
 def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool = True,
                    load_lr_scheduler_states: bool = True) -> dict:
     """Write every parameter's slice of a consolidated checkpoint into the engine's own partitioning."""
-    from .checkpoint import global_parameter_names
-    from .moe_layers import find_moe_layers
     layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
     names = global_parameter_names(engine.module, layers)
     entries = dict(_load(os.path.join(tag_dir, DENSE_FILE)))

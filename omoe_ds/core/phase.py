@@ -22,11 +22,11 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from ..input_capture import LayerInputWindow, flatten_windows, unflatten_windows_
+from ..moe_layers import MoELayerInfo, expert_key
 from . import collectives, optimizer_groups, projector
 from .config import OMoEConfig
-from .grad_projection import ExpertGradProjector
-from .input_capture import LayerInputWindow, flatten_windows, unflatten_windows_
-from .moe_layers import MoELayerInfo, expert_key
+from .projection_hooks import ExpertGradProjector
 
 
 def _refuse_recompute(name: str, module, args) -> None:

@@ -20,8 +20,8 @@ from deepspeed.moe.sharded_moe import TopKGate, _capacity, einsum as _ds_einsum,
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
-from . import collectives
-from .config import OMoEConfigError
+from ..core import collectives
+from ..core.config import OMoEConfigError
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "albert", "distilbert", "mpnet")
 

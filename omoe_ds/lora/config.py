@@ -3,7 +3,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from omoe_ds.config import OMoEConfigError
+from omoe_ds.core.config import OMoEConfigError
 
 ADAPTER_KINDS = ("lora", "moe-lora", "omoe-lora")
 MIXTURE_KINDS = ("moe-lora", "omoe-lora")

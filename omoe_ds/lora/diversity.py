@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from omoe_ds.config import OMoEConfigError
+from omoe_ds.core.config import OMoEConfigError
 from omoe_ds.lora.layers import LoRAMixtureLinear
 
 COSINE_KEYS = ("mean", "mean_abs", "max_abs")

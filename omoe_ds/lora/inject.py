@@ -4,7 +4,7 @@ from typing import Any
 
 from torch import nn
 
-from omoe_ds.config import OMoEConfigError
+from omoe_ds.core.config import OMoEConfigError
 from omoe_ds.lora.config import DECODER_TARGETS, ENCODER_TARGETS, LoRAMixtureConfig, name_matches
 from omoe_ds.lora.layers import LoRAMixtureLinear
 

@@ -5,7 +5,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from omoe_ds.config import OMoEConfigError
+from omoe_ds.core.config import OMoEConfigError
 from omoe_ds.lora.config import LoRAMixtureConfig
 from omoe_ds.lora.inject import adapter_parameter_names, inject
 

@@ -23,8 +23,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import collectives
-from .moe_layers import WEIGHT_NAMES, MoELayerInfo
+from ..core import collectives
+from ..moe_layers import WEIGHT_NAMES, MoELayerInfo
 
 DEFAULT_THRESHOLD = 1e-3  # paper A §III.A
 DEFAULT_CHUNK = 1 << 16   # floats per expert in one gathered slice

@@ -224,7 +224,7 @@ def _reserved_in(train_args: Sequence[str]) -> List[str]:
 def parse_train_args(train_args: Sequence[str]):
     """omoe_ds.train's own parser over the pass-through flags (with a placeholder output dir), so a typo is
     refused here, not in the first cell; returns its namespace."""
-    from . import train
+    from ..finetune import train
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -245,7 +245,7 @@ def parse_train_args(train_args: Sequence[str]):
 
 
 def _omoe_defaults(ds_config_path: str) -> dict:
-    from .config import OMoEConfig, OMoEConfigError, resolve_ds_config
+    from ..core.config import OMoEConfig, OMoEConfigError, resolve_ds_config
     try:
         config = resolve_ds_config(config=ds_config_path)
     except OMoEConfigError as e:
@@ -257,7 +257,7 @@ def _omoe_defaults(ds_config_path: str) -> dict:
 
 def expand(grids: List[Grid], common_args: Sequence[str], world_size: int) -> List[Cell]:
     """Every cell of the grids, checked, identical cells once, in a stable order."""
-    from .config import OMoEConfig, OMoEConfigError
+    from ..core.config import OMoEConfig, OMoEConfigError
     if world_size < 1:
         raise SweepError(f"--world-size={world_size} must be >= 1")
     cells, seen = [], set()
@@ -411,7 +411,7 @@ class Sweep:
                                  "same flags to continue that sweep")
 
     def command(self, cell: Cell, overwrite: bool) -> List[str]:
-        from .collectives import free_local_port
+        from ..core.environment import free_local_port
         return [deepspeed_command(), "--num_gpus", str(self.world_size), "--master_port", str(free_local_port()),
                 "--module", "omoe_ds.train", *cell.grid_flags(), *cell.train_args,
                 "--output-dir", self.cell_dir(cell), *(["--overwrite"] if overwrite else [])]

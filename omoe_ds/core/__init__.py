@@ -1,0 +1,2 @@
+"""The OMoE optimizer itself: config, projector math, the R/O phase, gradient-projection hooks, optimizer groups,
+collectives and the distributed environment."""
