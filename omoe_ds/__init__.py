@@ -4,7 +4,7 @@ from .finetune.convert import (SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_
                                moe_aux_loss)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .initialize import initialize
-from .moe_layers import make_moe_ffn
+from .experts import make_moe_ffn
 
 __all__ = ["initialize", "save_checkpoint", "load_checkpoint", "CheckpointError", "OMoEConfig", "OMoEConfigError", "make_moe_ffn", "SUPPORTED_MODEL_TYPES", "MoEConversionConfig",
            "bind_expert_groups", "convert_to_moe", "moe_aux_loss"]

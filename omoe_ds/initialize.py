@@ -10,7 +10,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from .core import collectives, environment
 from .core.config import OMoEConfig, OMoEConfigError, resolve_ds_config, zero_stage
 from .core.phase import OMoE
-from .moe_layers import check_ep_sizes, find_moe_layers
+from .experts import check_ep_sizes, find_expert_layers
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -27,24 +27,29 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if stage >= 3:
         raise OMoEConfigError(f"zero_optimization.stage={stage}: DeepSpeed's native MoE layer does not support "
                               "ZeRO-3; use stage 0, 1 or 2 (ds_configs/omoe_zero2.json)")
-    layers = find_moe_layers(model)
+    layers = find_expert_layers(model)
     if omoe_config.enabled and not layers:
-        raise OMoEConfigError(f"{type(model).__name__} has no deepspeed.moe.layer.MoE layer for OMoE to act on; "
+        raise OMoEConfigError(f"{type(model).__name__} has no MoE layer OMoE knows (deepspeed.moe.layer.MoE, or "
+                              "transformers' fused experts as in Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3); "
                               "add MoE layers or set \"omoe\": {\"enabled\": false}")
     if omoe_config.enabled:
-        _refuse_unchecked_layouts(model, ds_config, mpu, optimizer, stage)
+        _refuse_unchecked_layouts(model, layers, ds_config, mpu, optimizer, stage)
     environment.init_distributed(dist_init_required)
     check_ep_sizes(layers, collectives.world_size())
 
+    # Experts DeepSpeed does not know as MoE (fused ones) still need groups of their own for the O step.
+    own_groups = {id(p) for layer in layers if not layer.deepspeed_expert_files for p in layer.expert_parameters()}
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
+    if own_groups:
+        model_parameters = _expert_groups(model_parameters, own_groups)
     if isinstance(optimizer, torch.optim.Optimizer):
-        _split_moe_param_groups_(optimizer)
+        _split_moe_param_groups_(optimizer, own_groups)
     elif callable(optimizer):
         make_optimizer = optimizer
 
         def optimizer(params):
-            built = make_optimizer(_moe_param_groups(params))
+            built = make_optimizer(_expert_groups(_moe_param_groups(params), own_groups))
             if omoe_config.enabled:
                 _refuse_adagrad_under_zero(built, stage)
             return built
@@ -60,7 +65,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     return engine, engine_optimizer, loader, scheduler
 
 
-def _refuse_unchecked_layouts(model, ds_config: dict, mpu, optimizer, stage: int) -> None:
+def _refuse_unchecked_layouts(model, layers, ds_config: dict, mpu, optimizer, stage: int) -> None:
     """What OMoE assumes and would otherwise get wrong silently."""
     if ds_config.get("use_data_before_expert_parallelism"):
         raise OMoEConfigError("use_data_before_expert_parallelism=true lays expert-parallel groups over strided ranks; "
@@ -70,7 +75,7 @@ def _refuse_unchecked_layouts(model, ds_config: dict, mpu, optimizer, stage: int
         raise OMoEConfigError(f"mpu={type(mpu).__name__}: OMoE does not support tensor/model parallelism (an expert "
                               "sharded by a tensor-parallel group would project a slice of its gradient with a projector "
                               "over the whole input); run without mpu")
-    moe_modules = {id(layer.module) for layer in find_moe_layers(model)}
+    moe_modules = {id(layer.module) for layer in layers}
     checkpointing = [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True
                      and any(id(sub) in moe_modules for sub in m.modules())]
     if checkpointing:
@@ -104,15 +109,37 @@ def _moe_param_groups(params):
     return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
 
 
-def _split_moe_param_groups_(optimizer: torch.optim.Optimizer) -> None:
-    """ZeRO and the O-step dense freeze need expert params in their own `moe` groups; a client
-    optimizer built from model.parameters() mixes them. Torch keys optimizer state by parameter,
-    not by group, so regrouping keeps any state it already has (Adagrad makes some at init)."""
-    if any(g.get("moe") for g in optimizer.param_groups):
+def _expert_groups(params, expert_ids: set) -> list:
+    """The groups with every group that mixes `expert_ids` and other parameters split in two (same options)."""
+    params = list(params)
+    if not expert_ids:
+        return params
+    groups = params if params and isinstance(params[0], dict) else [{"name": "dense-params", "params": params}]
+    out = []
+    for group in groups:
+        members = list(group["params"])
+        experts = [p for p in members if id(p) in expert_ids]
+        dense = [p for p in members if id(p) not in expert_ids]
+        if experts and dense:
+            out += [{**group, "params": dense},
+                    {**group, "name": f"{group.get('name', 'group')}-omoe-experts", "params": experts}]
+        else:
+            out.append(group)
+    return out
+
+
+def _split_moe_param_groups_(optimizer: torch.optim.Optimizer, own_groups: set) -> None:
+    """ZeRO and the O-step dense freeze need expert params in groups of their own (DeepSpeed's `moe`
+    groups for its native experts); a client optimizer built from model.parameters() mixes them.
+    Torch keys optimizer state by parameter, not by group, so regrouping keeps any state it already
+    has (Adagrad makes some at init)."""
+    native = any(is_moe_param(p) for g in optimizer.param_groups for p in g["params"]) and \
+        not any(g.get("moe") for g in optimizer.param_groups)
+    fused = any(id(p) in own_groups for g in optimizer.param_groups for p in g["params"])
+    if not (native or fused):
         return
-    if not any(is_moe_param(p) for g in optimizer.param_groups for p in g["params"]):
-        return
-    groups = _moe_param_groups(optimizer.param_groups)
+    groups = _moe_param_groups(optimizer.param_groups) if native else list(optimizer.param_groups)
+    groups = _expert_groups(groups, own_groups)
     optimizer.param_groups.clear()
     for group in groups:
         optimizer.add_param_group(group)

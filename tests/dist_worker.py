@@ -21,7 +21,7 @@ import omoe_ds
 from omoe_ds.core.optimizer_groups import innermost_optimizer
 from omoe_ds.finetune.small_job import micro_batches, model_dtype, train
 from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
-from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
+from omoe_ds.experts import expert_parameters_by_global_id, find_expert_layers
 from omoe_ds.studies.diversity import expert_diversity
 
 SPEC = SmallMoESpec(d_in=8, d_model=16, d_ff=24, num_layers=2, num_experts=4, num_classes=4, seq_len=6)
@@ -58,7 +58,7 @@ def build(ep_size, base="adamw", **config):
 
 
 def state_by_global_id(engine):
-    layers = find_moe_layers(engine.module)
+    layers = find_expert_layers(engine.module)
     state = {k: p.detach().clone() for k, p in expert_parameters_by_global_id(layers).items()}
     state.update({n: p.detach().clone() for n, p in engine.module.named_parameters() if not is_moe_param(p)})
     return state
@@ -99,7 +99,7 @@ def o_step_reference(out):
     errors = {}
     for L, layer in enumerate(omoe.layers):
         for w in range(2):
-            local = torch.stack([omoe.P[L][l][w] for l in range(layer.num_local_experts)])
+            local = torch.stack([omoe.P[L][w][l] for l in range(layer.num_local_experts)])
             every = [torch.empty_like(local) for _ in range(dist.get_world_size())]
             torch.distributed.all_gather(every, local)  # the dense reference the exchange avoids
             P_all = torch.cat(every)
@@ -218,7 +218,7 @@ def capture_reference(out):
             for w, linear in enumerate(layer.local_experts[e]):
                 x_mean = torch.cat([(ref[L]["sums"][w][e] / ref[L]["counts"][e]).float(), torch.ones(1)])
                 P_ref = torch.eye(len(x_mean)) - torch.outer(x_mean, x_mean) / (alpha + x_mean @ x_mean)
-                report["projector"][f"layer{L}.expert{e}.w{w + 1}"] = (omoe.P[L][e][w] - P_ref).abs().max().item()
+                report["projector"][f"layer{L}.expert{e}.w{w + 1}"] = (omoe.P[L][w][e] - P_ref).abs().max().item()
     _write_json(out, "capture_reference", report)
 
 
@@ -227,7 +227,7 @@ def diversity_sharded(out):
     tokens (rank 0's must be used) and slices are small, so several gathers run per weight."""
     engine = build(ep_size=2)
     train(engine, X, Y, 3, GLOBAL_BATCH)
-    layers = find_moe_layers(engine.module)
+    layers = find_expert_layers(engine.module)
     g = torch.Generator().manual_seed(dist.get_rank())
     inputs = [torch.randn(10 + dist.get_rank(), SPEC.d_model, generator=g) for _ in layers]
     save(out, "diversity_ep2", engine, diversity=expert_diversity(layers, inputs=inputs, chunk=50), inputs=inputs,
@@ -295,7 +295,7 @@ def sgd_o_step_closed_form(out, num_experts):
     report = {"closed_form": {}, "damping": {}}
     for i, (L, e, w, lin) in enumerate(linears):
         G = augmented(raw[2 * i], raw[2 * i + 1])
-        P_all = [omoe.P[L][j][w] for j in range(num_experts)]
+        P_all = [omoe.P[L][w][j] for j in range(num_experts)]
         P_bar = (sum(P_all) - P_all[e]) / (num_experts - 1)
         delta = augmented(lin.weight.detach(), lin.bias.detach()) - before[i]
         expected = -lr * (G.double() @ P_bar.double())

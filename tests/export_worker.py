@@ -100,14 +100,14 @@ def export(args):
 
 def load(args):
     from omoe_ds.checkpoint.export import load_exported
-    from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
+    from omoe_ds.experts import expert_parameters_by_global_id, find_expert_layers
     export = os.path.join(args.out, "export")
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = load_exported(export, ep_size=args.ep_size)
     logits = eval_outputs(model, tokenizer)
     if dist.get_rank() == 0:
         torch.save(logits, os.path.join(args.out, f"ep{args.ep_size}_logits.pt"))
-    experts = {k: p.detach().clone() for k, p in expert_parameters_by_global_id(find_moe_layers(model)).items()}
+    experts = {k: p.detach().clone() for k, p in expert_parameters_by_global_id(find_expert_layers(model)).items()}
     torch.save(experts, os.path.join(args.out, f"ep{args.ep_size}_experts.rank{dist.get_rank()}.pt"))
 
     # Further training: an unbound load handed to omoe_ds.initialize, which binds the expert groups itself.

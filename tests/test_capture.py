@@ -1,6 +1,6 @@
 """Padding is never routed (k=1 and k=2), and the R-step windows hold exactly the real tokens' sums.
 
-Every recorded window (input_capture.LayerInputWindow, run in-process at EP=1) is compared with an
+Every recorded window (the native adapter's recorder filling a core.windows.InputWindow, in-process at EP=1) is compared with an
 independent recomputation over real tokens only: routes from the top-k of the gate's logits (the second
 expert's Gumbel sampling is switched off so that the reference can name it), DeepSpeed's position
 order for slots, and h = act(W1 x + b1) in fp64. Tolerance: the window adds fp32 rows per forward (n ≤ a
@@ -18,8 +18,9 @@ from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating
 from omoe_ds.checkpoint.layout import WINDOW_LAYOUT, CheckpointError, window_partials
 from omoe_ds.finetune.convert import (MoEConversionConfig, PaddingMaskedTopKGate, _masked_top2gating,
                                       bind_expert_groups, convert_to_moe, mask_padding_in_gate)
-from omoe_ds.input_capture import LayerInputWindow
-from omoe_ds.moe_layers import find_moe_layers, make_moe_ffn
+from omoe_ds.core.windows import InputWindow
+from omoe_ds.experts.base import RecordContext
+from omoe_ds.experts import find_expert_layers, make_moe_ffn
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 D, D_FF, M = 16, 24, 4
@@ -44,6 +45,13 @@ def reference_routes(x, used, wg, k, capacity=None):
                 kept.append((t, e))
             filled[e] += 1  # a dropped route still takes its position, as in DeepSpeed's cumsum
     return kept
+
+
+def recording_window(layer):
+    """A window the layer's recorder fills in every training forward, as OMoE's R steps do."""
+    window = InputWindow(layer.num_experts, [s.d_in for s in layer.streams], layer.device)
+    layer.attach_recorder(RecordContext(lambda m: m.training and torch.is_grad_enabled(), lambda h: None, window))
+    return window
 
 
 def reference_window(x, kept, experts):
@@ -81,7 +89,7 @@ def perturb_experts(model, seed):
     """Distinct experts (a converter copies one FFN into all), so that routing matters."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in find_moe_layers(model):
+        for layer in find_expert_layers(model):
             for linears in layer.local_experts:
                 for linear in linears:
                     linear.weight.add_(0.2 * torch.randn(linear.weight.shape, generator=g))
@@ -141,7 +149,7 @@ def test_window_of_a_masked_moe_equals_real_token_reference(k, drop_tokens):
         stock = top2gating((flat @ wg.t()).float(), 0.4, 0, drop_tokens=True, top2_2nd_expert_sampling=False,
                            sparse_routes=True)
         assert int((stock[3][:, used.bool()] >= 0).sum()) < len(kept) < k * real
-    window = LayerInputWindow(find_moe_layers(moe)[0], lambda: True)
+    window = recording_window(find_expert_layers(moe)[0])
     outputs = []
     moe.deepspeed_moe.gate.register_forward_hook(lambda gate, inputs, output: outputs.append(output))
     moe(x, used)
@@ -152,7 +160,7 @@ def test_window_of_a_masked_moe_equals_real_token_reference(k, drop_tokens):
     assert (indices[:, used == 0] == -1).all()  # padding: no route, no slot
     assert int((indices >= 0).sum()) == len(kept)
     assert int(out[6].sum()) == k * real  # exp_counts: real tokens' routing decisions, before the capacity
-    assert_window(window, reference_window(flat, kept, expert_pairs(find_moe_layers(moe)[0])))
+    assert_window(window, reference_window(flat, kept, expert_pairs(find_expert_layers(moe)[0])))
 
 
 def test_real_slots_start_at_zero_and_stay_contiguous():
@@ -210,7 +218,7 @@ def converted_bert(model_class, k, drop_tokens=False, capacity_factor=1.0, seed=
                                                capacity_factor=capacity_factor))
     bind_expert_groups(model)
     perturb_experts(model, seed + 1)
-    for layer in find_moe_layers(model):
+    for layer in find_expert_layers(model):
         assert isinstance(layer.gate, PaddingMaskedTopKGate)
     return model.train()
 
@@ -226,8 +234,8 @@ def token_batch(seed=0):
                          ids=["k1", "k2", "k2-drop"])
 def test_window_of_a_converted_bert_equals_real_token_reference(k, drop_tokens, capacity_factor):
     model = converted_bert(transformers.BertForSequenceClassification, k, drop_tokens, capacity_factor)
-    layers = find_moe_layers(model)
-    windows = [LayerInputWindow(layer, lambda: True) for layer in layers]
+    layers = find_expert_layers(model)
+    windows = [recording_window(layer) for layer in layers]
     inputs = []
     for layer in layers:
         layer.gate.top2_2nd_expert_sampling = False
@@ -256,14 +264,14 @@ def test_real_token_outputs_equal_deepspeeds_stock_gate_without_capacity_pressur
     buffers of other shapes may round differently: ~1e-6 relative per op, 1e-5 over two layers."""
     model = converted_bert(transformers.BertForTokenClassification, k=2)
     stock = converted_bert(transformers.BertForTokenClassification, k=2)  # the same seeds: the same weights
-    for layer in find_moe_layers(stock):
+    for layer in find_expert_layers(stock):
         layer.gate.__class__ = TopKGate
     ids, mask = token_batch(seed=1)
     real = mask.bool()
     routes = {}
     for name, m in (("masked", model), ("stock", stock)):
         routes[name] = []
-        for layer in find_moe_layers(m):
+        for layer in find_expert_layers(m):
             layer.gate.register_forward_hook(lambda gate, i, out, r=routes[name]: r.append(out))
     torch.manual_seed(11)
     got = model(input_ids=ids, attention_mask=mask).logits

@@ -9,7 +9,7 @@ from deepspeed.moe.layer import MoE
 import omoe_ds
 from omoe_ds import OMoEConfig, OMoEConfigError
 from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec
-from omoe_ds.moe_layers import check_ep_sizes, find_moe_layers
+from omoe_ds.experts import check_ep_sizes, find_expert_layers
 
 
 def cfg(**omoe):
@@ -70,7 +70,7 @@ def test_experts_not_divisible_by_ep_size_is_refused():
 
 
 def test_ep_size_must_divide_world_size():
-    layers = find_moe_layers(small_model())  # ep_size 1
+    layers = find_expert_layers(small_model())  # ep_size 1
     layers[0].ep_size = 4
     with pytest.raises(OMoEConfigError, match=r"ep_size=4 does not divide the world size 2"):
         check_ep_sizes(layers, 2)
@@ -107,7 +107,7 @@ def test_expert_that_is_not_two_linears_is_refused(expert, match):
 
 
 def test_model_without_moe_layers_is_refused():
-    with pytest.raises(OMoEConfigError, match=r"has no deepspeed.moe.layer.MoE layer"):
+    with pytest.raises(OMoEConfigError, match=r"has no MoE layer OMoE knows \(deepspeed.moe.layer.MoE, or transformers. fused experts"):
         omoe_ds.initialize(model=nn.Linear(3, 3), config=cfg())
 
 

@@ -10,7 +10,7 @@ from transformers import AlbertConfig, BertConfig, DistilBertConfig, GPT2Config,
 
 from omoe_ds import OMoEConfigError
 from omoe_ds.finetune.convert import MoEConversionConfig, bind_expert_groups, convert_to_moe, moe_aux_loss
-from omoe_ds.moe_layers import find_moe_layers
+from omoe_ds.experts import find_expert_layers
 
 pytestmark = pytest.mark.usefixtures("single_process_group")
 # The converted FFN runs the dense FFN's two fp32 GEMMs on the routed rows only (a row batch of another size,
@@ -85,7 +85,7 @@ class GateRecorder:
 
     def __init__(self, model):
         self.outputs = []
-        for layer in find_moe_layers(model):
+        for layer in find_expert_layers(model):
             layer.gate.register_forward_hook(lambda gate, inputs, output: self.outputs.append(output))
 
     def routed(self):
@@ -100,7 +100,7 @@ def test_converted_tiny_model_keeps_the_dense_logits(model_type, train):
     input_ids, attention_mask = padded_batch(config)
     assert_same_function(logits_of(converted, train, input_ids=input_ids, attention_mask=attention_mask),
                          logits_of(dense, train, input_ids=input_ids, attention_mask=attention_mask))
-    assert len(find_moe_layers(converted)) == CONVERTED_MODULES[model_type]
+    assert len(find_expert_layers(converted)) == CONVERTED_MODULES[model_type]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_converted_minilm_keeps_the_dense_logits(minilm, k, train):
     converted = convert_to_moe(copy.deepcopy(dense), MoEConversionConfig(num_experts=4, k=k))
     bind_expert_groups(converted)
     assert_same_function(logits_of(converted, train, **inputs), logits_of(dense, train, **inputs))
-    assert len(find_moe_layers(converted)) == 6
+    assert len(find_expert_layers(converted)) == 6
 
 
 @pytest.mark.parametrize("model_class,outputs", [
@@ -148,7 +148,7 @@ def test_only_the_chosen_layers_are_converted_and_recorded():
     assert isinstance(layers[0].intermediate.dense, torch.nn.Linear)
     assert isinstance(layers[0].output.dense, torch.nn.Linear)
     assert isinstance(layers[1].output.dense, torch.nn.Identity)
-    assert [layer.name for layer in find_moe_layers(converted)] == ["bert.encoder.layer.1.intermediate.dense.moe"]
+    assert [layer.name for layer in find_expert_layers(converted)] == ["bert.encoder.layer.1.intermediate.dense.moe"]
     record = json.loads(converted.config.to_json_string())["omoe_moe"]
     assert record["layers"] == [1] and record["num_experts"] == 4
     assert MoEConversionConfig(**record) == MoEConversionConfig(layers=(1,))
@@ -180,7 +180,7 @@ def test_top1_router_still_gets_a_gradient():
     input_ids, attention_mask = padded_batch(config)
     converted.train()
     converted(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2])).loss.backward()
-    for layer in find_moe_layers(converted):
+    for layer in find_expert_layers(converted):
         grad = layer.gate.wg.weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 

@@ -15,7 +15,7 @@ import torch
 from omoe_ds.core.environment import free_local_port
 
 from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec
-from omoe_ds.moe_layers import expert_parameters_by_global_id, find_moe_layers
+from omoe_ds.experts import expert_parameters_by_global_id, find_expert_layers
 from omoe_ds.studies.diversity import expert_diversity
 
 pytestmark = pytest.mark.distributed
@@ -224,7 +224,7 @@ def test_sharded_diversity_equals_single_process_on_gathered_weights(runs):
     rank0, rank1 = (figures(r["diversity"]) for r in run["ranks"])
     assert rank0 == rank1  # every rank reports the same figures
     model = SmallMoEClassifier(SmallMoESpec(**run["ranks"][0]["spec"]), ep_size=1)
-    layers = find_moe_layers(model)
+    layers = find_expert_layers(model)
     params = expert_parameters_by_global_id(layers)
     assert params.keys() == {k for k in run["params"] if k.startswith("layer")}
     with torch.no_grad():

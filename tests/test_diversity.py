@@ -6,7 +6,7 @@ from torch import nn
 
 from omoe_ds import make_moe_ffn
 from omoe_ds.finetune.convert import bind_expert_groups
-from omoe_ds.moe_layers import find_moe_layers
+from omoe_ds.experts import find_expert_layers
 from omoe_ds.studies.diversity import (LayerInputSample, diverse_degree, diversity_events, expert_diversity,
                                        expert_parameter_variance)
 
@@ -43,8 +43,8 @@ class TinyMoE(nn.Module):
 
 
 def layers_with_experts(set_expert, num_layers=1):
-    """find_moe_layers of a TinyMoE after set_expert(layer, expert, w1, w2) filled every expert."""
-    layers = find_moe_layers(TinyMoE(num_layers))
+    """find_expert_layers of a TinyMoE after set_expert(layer, expert, w1, w2) filled every expert."""
+    layers = find_expert_layers(TinyMoE(num_layers))
     with torch.no_grad():
         for layer in layers:
             for e, (w1, w2) in enumerate(layer.local_experts):
@@ -203,7 +203,7 @@ def test_diverse_degree_counts_positions_where_run_b_spreads_the_experts_more():
 def test_input_sample_keeps_the_first_routed_tokens_only():
     model = TinyMoE()
     bind_expert_groups(model)
-    sample = LayerInputSample(find_moe_layers(model), max_tokens=5)
+    sample = LayerInputSample(find_expert_layers(model), max_tokens=5)
     x = tokens(2, 3, D, seed=6)
     model(x)  # not enabled: nothing kept
     sample.enabled = True

@@ -12,7 +12,7 @@ import torch
 
 from ..core import collectives
 from ..core.config import OMoEConfigError
-from ..moe_layers import MoELayerInfo
+from ..experts import ExpertLayer
 
 FORMAT_VERSION = 1
 COMPLETE_MARKER = "omoe_complete.json"
@@ -29,11 +29,11 @@ class CheckpointError(OMoEConfigError):
     """A checkpoint that does not fit the job, or is incomplete; raised before anything is loaded."""
 
 
-WINDOW_LAYOUT = "per_global_expert"  # input_capture's layout; older files list their local experts' global_ids
+WINDOW_LAYOUT = "per_global_expert"  # core.windows' layout; older files list their local experts' global_ids
 
 
 def window_partials(saved: dict, num_experts: int, where: str):
-    """(sums [Σx [M, d], Σh [M, d_ff]], counts [2, M]) of one saved window, in input_capture's layout.
+    """(sums [Σx [M, d], Σh [M, d_ff]], counts [2, M]) of one saved window, in core.windows' layout.
 
     A window saved before the layout change (keys global_ids/sums/counts: the receiving rank's sums of its
     local experts) is placed into its experts' rows, x and h alike: the O step's world all-reduce gives the
@@ -76,7 +76,7 @@ def expert_file(layer: int, global_expert: int) -> str:
 
 
 # ---- names that do not depend on the expert-parallel size -----------------------------------------
-def global_parameter_names(model: torch.nn.Module, layers: List[MoELayerInfo]) -> Dict[int, str]:
+def global_parameter_names(model: torch.nn.Module, layers: List[ExpertLayer]) -> Dict[int, str]:
     """{id(param): name}, experts named by global id as in DeepSpeed's expert files."""
     names = {}
     for name, p in model.named_parameters():

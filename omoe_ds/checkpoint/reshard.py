@@ -34,7 +34,7 @@ from typing import Dict
 import torch
 
 from ..core import collectives
-from ..moe_layers import find_moe_layers
+from ..experts import find_expert_layers
 from .layout import (COMMON_FILE, COMPLETE_MARKER, DENSE_FILE, EXPERT_INFIX, HF_DIR, META_FILE, NON_EXPERT_FILE,
                      WINDOW_LAYOUT, CheckpointError, expert_file, expert_name_parts, global_parameter_names,
                      projector_file, rank_file, read_marker, resolve_tag_dir, universal_expert_file, window_partials,
@@ -71,7 +71,7 @@ def consolidate(tag_dir: str) -> dict:
     shapes = {name: tuple(t.shape) for name, t in model_states["module"].items()}
     weights = {name: t.float() for name, t in model_states["module"].items()}
     for L, layer in enumerate(meta["layers"]):
-        for g in range(layer["num_experts"]):
+        for g in range(layer["num_experts"] if _expert_parallel(layer) else 0):
             for name, t in _load(os.path.join(tag_dir, expert_file(L, g))).items():
                 shapes[name], weights[name] = tuple(t.shape), t.float()
     params = {name: {"param": weights[name], "state": {}} for name in weights}
@@ -115,8 +115,11 @@ def consolidate(tag_dir: str) -> dict:
                     params[name]["state"][key] = full
             params[name]["state"].update(scalars[name])
     elif stage == 0:
-        for ep_rank in range(max(layer["ep_size"] for layer in meta["layers"]) if meta["layers"] else 1):
-            path = os.path.join(tag_dir, f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt")
+        # DeepSpeed writes expp_rank_* optimizer files only for models with its native MoE layers; without
+        # them (fused experts only) the optimizer state sits in the model-states file.
+        native = [layer["ep_size"] for layer in meta["layers"] if _expert_parallel(layer)]
+        for ep_rank in range(max(native) if native else 1):
+            path = os.path.join(tag_dir, f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt" if native else NON_EXPERT_FILE)
             optimizer = _load(path)["optimizer"]
             names = _load(os.path.join(tag_dir, rank_file(ep_rank)))["optimizer_param_names"]
             if not isinstance(optimizer, dict) or "state" not in optimizer:
@@ -157,6 +160,12 @@ def _is_bf16(tag_dir: str) -> bool:
     return any(name.startswith("bf16_zero_pp_rank_") for name in os.listdir(tag_dir))
 
 
+def _expert_parallel(layer_meta: dict) -> bool:
+    """A layer whose experts DeepSpeed shards and saves per expert (its native MoE; metas before the
+    layout key held only those); replicated fused experts are dense parameters to DeepSpeed."""
+    return layer_meta.get("layout", "deepspeed-ffn").startswith("deepspeed")
+
+
 def check_target(meta: dict, ep_size: int, world_size: int, where: str) -> None:
     if world_size < 1 or ep_size < 1:
         raise CheckpointError(f"--world-size={world_size} and --ep-size={ep_size} must be >= 1")
@@ -164,7 +173,7 @@ def check_target(meta: dict, ep_size: int, world_size: int, where: str) -> None:
         raise CheckpointError(f"--ep-size={ep_size} does not divide --world-size={world_size}; pick an EP size that "
                               "divides the number of ranks")
     for L, layer in enumerate(meta["layers"]):
-        if layer["num_experts"] % ep_size:
+        if _expert_parallel(layer) and layer["num_experts"] % ep_size:
             raise CheckpointError(f"{where}: MoE layer {L} has {layer['num_experts']} experts, which --ep-size="
                                   f"{ep_size} does not divide; pick a divisor of {layer['num_experts']}")
 
@@ -199,13 +208,13 @@ def reshard(src: str, dst: str, ep_size: int, world_size: int, tag=None) -> str:
 
     source_ranks = [_load(os.path.join(tag_dir, rank_file(r))) for r in range(meta["world_size"])]
     new_meta = {**meta, "universal": True, "world_size": world_size, "source_world_size": meta["world_size"],
-                "layers": [{**layer, "ep_size": ep_size} for layer in meta["layers"]]}
+                "layers": [{**layer, "ep_size": ep_size if _expert_parallel(layer) else 1} for layer in meta["layers"]]}
     torch.save(new_meta, os.path.join(out, META_FILE))
     for r in range(world_size):
         state = {"format": source_ranks[0]["format"], "rank": r, "world_size": world_size,
                  "rng": source_ranks[r if r < len(source_ranks) else 0]["rng"]}
         if meta["omoe"] is not None:
-            state["windows"] = [_target_window(source_ranks, L, layer, ep_size, r)
+            state["windows"] = [_target_window(source_ranks, L, layer, new_meta["layers"][L]["ep_size"], r)
                                 for L, layer in enumerate(meta["layers"])]
         torch.save(state, os.path.join(out, rank_file(r)))
     if meta["omoe"] is not None:
@@ -245,12 +254,12 @@ def _target_window(source_ranks, L: int, layer: dict, ep_size: int, rank: int) -
 def load_universal(engine, tag_dir: str, meta: dict, load_optimizer_states: bool = True,
                    load_lr_scheduler_states: bool = True) -> dict:
     """Write every parameter's slice of a consolidated checkpoint into the engine's own partitioning."""
-    layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
+    layers = engine.omoe.layers if engine.omoe is not None else find_expert_layers(engine.module)
     names = global_parameter_names(engine.module, layers)
     entries = dict(_load(os.path.join(tag_dir, DENSE_FILE)))
     wanted = set()
     for L, layer in enumerate(layers):
-        for l in range(layer.num_local_experts):
+        for l in range(layer.num_local_experts if layer.deepspeed_expert_files else 0):
             wanted.add((L, collectives.ep_rank(layer.ep_size) * layer.num_local_experts + l))
     for L, g in sorted(wanted):
         entries.update(_load(os.path.join(tag_dir, universal_expert_file(L, g))))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..core import collectives
-from ..moe_layers import MoELayerInfo, find_moe_layers
+from ..experts import STREAMS, ExpertLayer, find_expert_layers
 from .layout import (COMPLETE_MARKER, FORMAT_VERSION, HF_DIR, META_FILE, WINDOW_LAYOUT, CheckpointError, complete_tags,
                      expert_file, global_parameter_names, latest_complete_tag, projector_file, rank_file, read_marker,
                      resolve_tag_dir, universal_expert_file, window_partials, write_json_atomic)
@@ -54,7 +54,7 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
     tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
     tag_dir = os.path.join(save_dir, tag)
     rank = collectives.rank()
-    layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
+    layers = engine.omoe.layers if engine.omoe is not None else find_expert_layers(engine.module)
     if rank == 0:
         os.makedirs(tag_dir, exist_ok=True)
         if os.path.exists(os.path.join(tag_dir, COMPLETE_MARKER)):
@@ -73,7 +73,8 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
         for L, layer in enumerate(layers):
             if rank // layer.ep_size == 0:  # the first replica of these experts writes their projectors
                 for l in range(layer.num_local_experts):
-                    torch.save({"w1": omoe.P[L][l][0], "w2": omoe.P[L][l][1]},
+                    # clone: a view would save the whole [E_local, n, n] stack
+                    torch.save({STREAMS[st]: omoe.P[L][st][l].clone() for st in range(len(STREAMS))},
                                os.path.join(tag_dir, projector_file(L, omoe.global_expert_id(L, l))))
     torch.save(rank_state, os.path.join(tag_dir, rank_file(rank)))
     if rank == 0:
@@ -125,7 +126,16 @@ class _GroupView:
         self.param_groups = param_groups
 
 
-def _meta(engine, layers: List[MoELayerInfo], names: Dict[int, str]) -> dict:
+# Checkpoints written before projectors were keyed by input stream named them by FFN matrix.
+_LEGACY_PROJECTOR_KEYS = {"x": "w1", "h": "w2"}
+
+
+def _matrix_shapes(layer) -> list:
+    """[out, in] of each expert matrix in the layout's order (FFN: w1, w2, as checkpoints always recorded)."""
+    return [list(weight.shape) for weight, _ in layer.matrices(0).values()]
+
+
+def _meta(engine, layers: List[ExpertLayer], names: Dict[int, str]) -> dict:
     from deepspeed.moe.utils import is_moe_param
     omoe = engine.omoe
     hf_config = getattr(engine.module, "config", None)
@@ -135,7 +145,7 @@ def _meta(engine, layers: List[MoELayerInfo], names: Dict[int, str]) -> dict:
             "model_type": getattr(hf_config, "model_type", None),
             "dense_shapes": {names[id(p)]: list(p.shape) for p in engine.module.parameters() if not is_moe_param(p)},
             "layers": [{"name": layer.name, "num_experts": layer.num_experts, "ep_size": layer.ep_size,
-                        "shapes": [[lin.out_features, lin.in_features] for lin in layer.local_experts[0]]}
+                        "layout": layer.layout, "shapes": _matrix_shapes(layer)}
                        for layer in layers],
             "omoe": None}
     if omoe is not None:
@@ -194,7 +204,7 @@ def check_checkpoint(engine, tag_dir: str) -> dict:
     if not os.path.exists(meta_path):
         raise CheckpointError(f"{meta_path} is missing: {tag_dir} was not written by omoe_ds.save_checkpoint")
     meta = torch.load(meta_path, weights_only=False)
-    layers = engine.omoe.layers if engine.omoe is not None else find_moe_layers(engine.module)
+    layers = engine.omoe.layers if engine.omoe is not None else find_expert_layers(engine.module)
     if meta["model_class"] != type(engine.module).__name__ or (
             meta["model_type"] != getattr(getattr(engine.module, "config", None), "model_type", None)):
         raise CheckpointError(f"{meta_path}: saved from a {meta['model_class']} (model_type {meta['model_type']}), "
@@ -204,7 +214,7 @@ def check_checkpoint(engine, tag_dir: str) -> dict:
         raise CheckpointError(f"{meta_path}: the checkpoint has {len(meta['layers'])} MoE layers, this model "
                               f"{len(layers)}; use the same --moe-layers")
     for L, (saved, layer) in enumerate(zip(meta["layers"], layers)):
-        shapes = [[lin.out_features, lin.in_features] for lin in layer.local_experts[0]]
+        shapes = _matrix_shapes(layer)
         if saved["num_experts"] != layer.num_experts:
             raise CheckpointError(f"{meta_path}: MoE layer {L} ({layer.name}) has {saved['num_experts']} experts in "
                                   f"the checkpoint but {layer.num_experts} in this model; use --experts "
@@ -212,7 +222,7 @@ def check_checkpoint(engine, tag_dir: str) -> dict:
         if saved["shapes"] != shapes:
             raise CheckpointError(f"{meta_path}: MoE layer {L} expert Linear shapes {saved['shapes']} in the "
                                   f"checkpoint, {shapes} in this model")
-        for g in range(saved["num_experts"]):
+        for g in range(saved["num_experts"] if layer.deepspeed_expert_files else 0):
             path = os.path.join(tag_dir, universal_expert_file(L, g) if meta.get("universal") else expert_file(L, g))
             if not os.path.exists(path):
                 raise CheckpointError(f"{path} is missing: MoE layer {L} needs one file per expert "
@@ -312,8 +322,8 @@ def _load_omoe_state(omoe, tag_dir: str, meta: dict, rank_state: dict) -> None:
         for l in range(layer.num_local_experts):
             g = omoe.global_expert_id(L, l)
             P = torch.load(os.path.join(tag_dir, projector_file(L, g)), weights_only=True)
-            omoe.P[L][l][0].copy_(P["w1"])
-            omoe.P[L][l][1].copy_(P["w2"])
+            for st, stream in enumerate(STREAMS):
+                omoe.P[L][st][l].copy_(P[stream] if stream in P else P[_LEGACY_PROJECTOR_KEYS[stream]])
         where = f"{os.path.join(tag_dir, rank_file(collectives.rank()))}, window of MoE layer {L}"
         sums, counts = window_partials(rank_state["windows"][L], layer.num_experts, where)
         for w in range(2):

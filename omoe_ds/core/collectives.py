@@ -37,7 +37,7 @@ def max_over_group_(tensor: torch.Tensor, group) -> torch.Tensor:
 
 def sum_windows_over_world_(flat: torch.Tensor) -> torch.Tensor:
     """The one window exchange of an O step: every rank's partial sums, laid out per global expert
-    (input_capture), summed over the whole world. Every rank gets every expert's totals, which sums over
+    (core/windows.py), summed over the whole world. Every rank gets every expert's totals, which sums over
     the EP group (x is recorded where tokens are sent) and over the EDP replicas (h where they run)."""
     if world_size() > 1:
         dist.all_reduce(flat, log_name=WINDOW_REDUCE_LOG)

@@ -1,7 +1,7 @@
 """OMoE inside a DeepSpeed engine: R/O alternation, projector state, and the O-step exchange.
 
 Step i (engine.global_steps, counted in optimizer steps) is an O step when i % s == 0 and i > 0.
-- R step: the base optimizer updates everything; expert inputs are recorded (input_capture).
+- R step: the base optimizer updates everything; expert inputs are recorded (experts/).
 - O step: before the first forward, the window's mean inputs update every local expert's
   projectors through one all-reduce of the windows' partial sums (world) and one all-gather of
   rank-1 factors (EP); then the grad
@@ -15,18 +15,18 @@ Step i (engine.global_steps, counted in optimizer steps) is an O step when i % s
 """
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..input_capture import LayerInputWindow, flatten_windows, unflatten_windows_
-from ..moe_layers import MoELayerInfo, expert_key
+from ..experts.base import STREAMS, ExpertLayer, RecordContext, expert_key
 from . import collectives, optimizer_groups, projector
-from .config import OMoEConfig
-from .projection_hooks import ExpertGradProjector
+from .config import OMoEConfig, OMoEConfigError
+from .windows import InputWindow, flatten_windows, unflatten_windows_
 
 
 def _refuse_recompute(name: str, module, args) -> None:
@@ -39,7 +39,7 @@ def _refuse_recompute(name: str, module, args) -> None:
 class OMoE:
     """Attached to the engine as `engine.omoe` by `omoe_ds.initialize`."""
 
-    def __init__(self, engine, layers: List[MoELayerInfo], config: OMoEConfig):
+    def __init__(self, engine, layers: List[ExpertLayer], config: OMoEConfig):
         self.engine, self.layers, self.config = engine, layers, config
         self.phase = "R"
         self.prepared_step = -1          # the O step whose projector update has run
@@ -47,51 +47,61 @@ class OMoE:
         self.projection_seconds = [0.0]  # time spent inside the grad hooks
         self.exchange_seconds = 0.0      # time of the last O-step projector update + exchange
         self.ep_ranks = [collectives.ep_rank(layer.ep_size) for layer in layers]
-        self.windows = [LayerInputWindow(layer, self._is_r_step) for layer in layers]
-        # P[layer][local expert][weight] and S[layer][weight] = Σ_j P_j; P starts at I, so S at M·I.
-        self.P: List[List[List[torch.Tensor]]] = []
-        self.S: List[List[torch.Tensor]] = []
-        self._grad_projectors: List[ExpertGradProjector] = []
+        self.windows = [InputWindow(layer.num_experts, [s.d_in for s in layer.streams], layer.device) for layer in layers]
+        # Per input stream s (0 = x, 1 = h): P[L][s] [E_local, n, n] this rank's experts' projectors,
+        # S[L][s] = Σ_j P_j over all experts of the layer; P starts at I, so S at M·I.
+        self.P: List[List[torch.Tensor]] = [
+            [projector.identity_projector(s.n, layer.device).expand(layer.num_local_experts, s.n, s.n).clone()
+             for s in layer.streams] for layer in layers]
+        self.S: List[List[torch.Tensor]] = [
+            [layer.num_experts * projector.identity_projector(s.n, layer.device) for s in layer.streams]
+            for layer in layers]
+        self._attention_mask: Optional[torch.Tensor] = None
+        self._mask_position = _positional_index(engine.module, "attention_mask")
+        self._hooks = []
         for L, layer in enumerate(layers):
-            self.P.append([[projector.identity_projector(self._n(lin), lin.weight.device) for lin in linears]
-                           for linears in layer.local_experts])
-            self.S.append([layer.num_experts * projector.identity_projector(self._n(lin), lin.weight.device)
-                           for lin in layer.local_experts[0]])
-            for l, linears in enumerate(layer.local_experts):
-                for w, linear in enumerate(linears):
-                    self._grad_projectors.append(ExpertGradProjector(
-                        linear, partial(self.leave_one_out_projector, L, l, w), partial(self._pbar_bias_column, L, l, w),
-                        partial(self._pbar_bias_corner, L, l, w), self._is_o_step, self.projection_seconds))
+            self._hooks += layer.attach_projection(_LayerProjectors(self, L), self._is_o_step, self.projection_seconds)
+            self._hooks += layer.attach_recorder(RecordContext(self._records, self._token_mask, self.windows[L]))
         self.deferred_o_step = None      # an O step whose update fp16 overflow skipped: it runs next
         # Not a config key: bench/step_overhead.py turns it off to measure what freezing saves.
         self.freeze_dense_in_o_steps = True
-        expert_ids = {id(p) for layer in layers for linears in layer.local_experts for linear in linears
-                      for p in linear.parameters()}
+        expert_ids = {id(p) for layer in layers for p in layer.expert_parameters()}
         names = {id(p): n for n, p in engine.module.named_parameters()}
         self._dense_params = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in expert_ids]
         self._frozen: List[torch.nn.Parameter] = []
         self._optimizer, model_groups = optimizer_groups.innermost_optimizer(engine.optimizer)
         self._dense_tensors = optimizer_groups.dense_group_tensors(self._optimizer, model_groups, expert_ids, names)
-        self._forward_handle = engine.module.register_forward_pre_hook(self._before_forward)
+        self._forward_handle = engine.module.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._recompute_guards = [layer.module.register_forward_pre_hook(partial(_refuse_recompute, layer.name))
                                   for layer in layers]
         self._wrap_optimizer_step(self._optimizer)
         self._wrap_model_step(engine)
 
     # ---- phase ------------------------------------------------------------------------------
-    @staticmethod
-    def _n(linear) -> int:
-        return linear.in_features + (1 if linear.bias is not None else 0)
+    def _records(self, module) -> bool:
+        return module.training and torch.is_grad_enabled() and self.phase == "R"
 
-    def _is_r_step(self) -> bool:
-        return self.phase == "R"
+    def _token_mask(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        """[T] bool, the real tokens of the current model forward, for layouts whose router routes padding."""
+        if self._attention_mask is None or self._attention_mask.dim() != 2:
+            return None
+        used = self._attention_mask.reshape(-1)
+        if used.shape[0] != hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]:
+            raise OMoEConfigError(f"the attention_mask of shape {tuple(self._attention_mask.shape)} does not give one "
+                                  f"value per token of the MoE input {tuple(hidden_states.shape)}; OMoE records real "
+                                  "tokens only: pass a [batch, seq] 0/1 attention_mask")
+        return used.to(hidden_states.device) != 0
 
     def _is_o_step(self) -> bool:
         return self.phase == "O"
 
-    def _before_forward(self, module, args) -> None:
+    def _before_forward(self, module, args, kwargs) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
+            mask = args[self._mask_position]
+        self._attention_mask = mask if isinstance(mask, torch.Tensor) else None
         step = self.engine.global_steps
         if self.deferred_o_step is not None or self.config.is_o_step(step):
             if self.deferred_o_step is None and self.prepared_step != step:
@@ -142,45 +152,37 @@ class OMoE:
     def _local_factors(self, L: int, alpha: float) -> torch.Tensor:
         window, layer = self.windows[L], self.layers[L]
         rows = []
-        for l, linears in enumerate(layer.local_experts):
+        for l in range(layer.num_local_experts):
             g = self.global_expert_id(L, l)
             parts = []
-            for w, linear in enumerate(linears):
-                # W1's mean uses the x count, W2's the h count: equal but for an all-zero token (input_capture).
-                count = float(window.counts[w][g])
+            for s, stream in enumerate(layer.streams):
+                # x's mean uses the x count, h's the h count: equal but for an all-zero token (experts/deepspeed_moe).
+                count = float(window.counts[s][g])
                 if count > 0:
-                    x_mean = projector.augmented_mean(window.sums[w][g], count, linear.bias is not None)
-                    parts.append(projector.rls_factor(self.P[L][l][w], x_mean, alpha))
+                    x_mean = projector.augmented_mean(window.sums[s][g], count, stream.has_bias)
+                    parts.append(projector.rls_factor(self.P[L][s][l], x_mean, alpha))
                 else:  # an expert that saw no token in the window gets no update
-                    parts.append(torch.zeros(self._n(linear), dtype=projector.PROJECTOR_DTYPE,
-                                             device=linear.weight.device))
+                    parts.append(torch.zeros(stream.n, dtype=projector.PROJECTOR_DTYPE, device=layer.device))
             rows.append(torch.cat(parts))
         return torch.stack(rows)
 
     def _apply_factors(self, L: int, all_factors: torch.Tensor, offset: int) -> int:
         layer = self.layers[L]
         first_global = self.ep_ranks[L] * layer.num_local_experts
-        for w, linear in enumerate(layer.local_experts[0]):
-            n = self._n(linear)
-            U = all_factors[:, offset:offset + n]
-            projector.apply_factors_(self.S[L][w], U)
+        for s, stream in enumerate(layer.streams):
+            U = all_factors[:, offset:offset + stream.n]
+            projector.apply_factors_(self.S[L][s], U)
             for l in range(layer.num_local_experts):
-                projector.apply_factors_(self.P[L][l][w], U[first_global + l:first_global + l + 1])
-            offset += n
+                projector.apply_factors_(self.P[L][s][l], U[first_global + l:first_global + l + 1])
+            offset += stream.n
         return offset
 
     def _divisor(self, L: int) -> int:
         return projector.loo_divisor_value(self.config.loo_divisor, self.layers[L].num_experts)
 
-    def leave_one_out_projector(self, L: int, l: int, w: int) -> torch.Tensor:
-        """P̄ for local expert l's weight w of layer L."""
-        return projector.leave_one_out_mean(self.S[L][w], self.P[L][l][w], self._divisor(L))
-
-    def _pbar_bias_column(self, L: int, l: int, w: int) -> torch.Tensor:
-        return (self.S[L][w][:-1, -1] - self.P[L][l][w][:-1, -1]) / self._divisor(L)
-
-    def _pbar_bias_corner(self, L: int, l: int, w: int) -> torch.Tensor:
-        return (self.S[L][w][-1, -1] - self.P[L][l][w][-1, -1]) / self._divisor(L)
+    def leave_one_out_projector(self, L: int, s: int, l: int) -> torch.Tensor:
+        """P̄ of stream s for local expert l of layer L."""
+        return projector.leave_one_out_mean(self.S[L][s], self.P[L][s][l], self._divisor(L))
 
     def _wrap_optimizer_step(self, optimizer) -> None:
         """In O steps the innermost optimizer steps the expert groups only (see optimizer_groups)."""
@@ -220,6 +222,38 @@ class OMoE:
         return self.ep_ranks[L] * self.layers[L].num_local_experts + l
 
     def projectors_by_global_id(self) -> Dict[str, torch.Tensor]:
-        """{"layer{L}.expert{g}.{w1|w2}": P} for the local experts, keyed by global expert id."""
-        return {expert_key(L, self.global_expert_id(L, l), w): P
-                for L in range(len(self.layers)) for l, per_w in enumerate(self.P[L]) for w, P in enumerate(per_w)}
+        """{"layer{L}.expert{g}.{x|h}": P} for the local experts, keyed by global expert id."""
+        return {expert_key(L, self.global_expert_id(L, l), STREAMS[s]): P_stack[l]
+                for L in range(len(self.layers)) for s, P_stack in enumerate(self.P[L])
+                for l in range(P_stack.shape[0])}
+
+
+class _LayerProjectors:
+    """The ProjectorView of layer L (experts/base.py) over the OMoE state: P̄ = (S − P_m) / divisor."""
+
+    def __init__(self, omoe: OMoE, L: int):
+        self.omoe, self.L = omoe, L
+
+    def leave_one_out(self, s: int, l: int) -> torch.Tensor:
+        return self.omoe.leave_one_out_projector(self.L, s, l)
+
+    def leave_one_out_stack(self, s: int) -> torch.Tensor:
+        return (self.omoe.S[self.L][s].unsqueeze(0) - self.omoe.P[self.L][s]) / self.omoe._divisor(self.L)
+
+    def bias_column(self, s: int, l: int) -> torch.Tensor:
+        S, P = self.omoe.S[self.L][s], self.omoe.P[self.L][s][l]
+        return (S[:-1, -1] - P[:-1, -1]) / self.omoe._divisor(self.L)
+
+    def bias_corner(self, s: int, l: int) -> torch.Tensor:
+        S, P = self.omoe.S[self.L][s], self.omoe.P[self.L][s][l]
+        return (S[-1, -1] - P[-1, -1]) / self.omoe._divisor(self.L)
+
+
+def _positional_index(module, name: str) -> Optional[int]:
+    """Where `name` sits among module.forward's positional parameters, or None."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional.index(name) if name in positional else None

@@ -81,3 +81,25 @@ class ExpertGradProjector:
 
 def _accumulate(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
     return term if total is None else total + term
+
+
+class FusedGradProjector:
+    """The projection hook of a fused expert parameter W [E_local, out, in] (no bias): G ← G·P̄, one
+    batched product over the expert axis with P̄ [E_local, in, in] from `pbar_stack()`."""
+
+    def __init__(self, param: torch.nn.Parameter, pbar_stack: Callable[[], torch.Tensor], is_active: Callable[[], bool],
+                 timer: list):
+        self._pbar_stack, self._is_active, self._timer = pbar_stack, is_active, timer
+        self._handles = [param.register_hook(self._project)]
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _project(self, grad: torch.Tensor):
+        if not self._is_active():
+            return None
+        start = time.perf_counter()
+        out = torch.bmm(grad.to(projector.PROJECTOR_DTYPE), self._pbar_stack()).to(grad.dtype)
+        self._timer[0] += time.perf_counter() - start
+        return out

@@ -28,7 +28,7 @@ import torch
 from ..core import collectives
 from ..core.config import resolve_ds_config
 from ..initialize import initialize
-from ..moe_layers import find_moe_layers
+from ..experts import find_expert_layers
 from ..studies.diversity import expert_parameter_variance, mean_param_variance
 from .small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
@@ -145,7 +145,7 @@ def run_one(ds_config: dict, spec: SmallMoESpec, ep_size: int, steps: int, seed:
     start = time.perf_counter()
     losses = train(engine, x_train, y_train, steps, global_batch, on_step=on_step)
     seconds = time.perf_counter() - start
-    variance = mean_param_variance(expert_parameter_variance(find_moe_layers(engine.module)))
+    variance = mean_param_variance(expert_parameter_variance(find_expert_layers(engine.module)))
     result = {"optimizer": "omoe" if engine.omoe is not None else "adamw", "steps": steps,
               "final_loss": sum(losses[-10:]) / len(losses[-10:]), "train_seconds": seconds,
               "test_accuracy": accuracy(engine, x_test, y_test), "expert_param_variance": variance}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe_layers import make_moe_ffn
+from ..experts import make_moe_ffn
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from ..checkpoint.state import check_omoe_config, fault_point, load_checkpoint, 
 from ..core import collectives, environment
 from ..core.config import OMoEConfig, OMoEConfigError, resolve_ds_config
 from ..initialize import initialize
-from ..moe_layers import find_moe_layers
+from ..experts import find_expert_layers
 from ..studies.diversity import (ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity,
                                  mean_param_variance, param_variance_by_layer)
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
@@ -301,7 +301,7 @@ def main(argv=None):
     # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's dropout differs.
     loader = DataLoader(train_set.with_format("torch", columns=columns), batch_size=micro, sampler=sampler,
                         drop_last=True, generator=torch.Generator().manual_seed(args.seed))
-    layers = find_moe_layers(engine.module)
+    layers = find_expert_layers(engine.module)
     load_counter = ExpertLoadCounter(layers)
     input_sample = LayerInputSample(layers)  # dev tokens each MoE layer saw: the input its experts are compared on
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")

@@ -24,12 +24,12 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from ..core import collectives
-from ..moe_layers import WEIGHT_NAMES, MoELayerInfo
+from ..experts import ExpertLayer
 
 DEFAULT_THRESHOLD = 1e-3  # paper A §III.A
 DEFAULT_CHUNK = 1 << 16   # floats per expert in one gathered slice
 GATHER_LOG = "omoe_diversity_allgather"
-EXPERT_PARAM_KEY = re.compile(r"layer(\d+)\.expert(\d+)\.(w1|w2)\.(weight|bias)$")
+EXPERT_PARAM_KEY = re.compile(r"layer(\d+)\.expert(\d+)\.(w1|w2|gate|up|down)\.(weight|bias)$")
 
 
 @dataclass
@@ -60,9 +60,10 @@ def _num_pairs(num_experts: int) -> int:
     return num_experts * (num_experts - 1) // 2
 
 
-def _weight_slices(layer: MoELayerInfo, weight_index: int, chunk: int) -> Iterator[torch.Tensor]:
+def _weight_slices(layer: ExpertLayer, matrix: str, chunk: int) -> Iterator[torch.Tensor]:
     """[M, ≤chunk] slices of every expert's flat [W|b], in global-expert order."""
-    local = [[p.detach().reshape(-1) for p in linears[weight_index].parameters()] for linears in layer.local_experts]
+    local = [[t.detach().reshape(-1) for t in layer.matrices(l)[matrix] if t is not None]
+             for l in range(layer.num_local_experts)]
     for same_tensor in zip(*local):  # the weight of every local expert, then the bias
         for start in range(0, same_tensor[0].numel(), chunk):
             rows = torch.stack([t[start:start + chunk] for t in same_tensor]).float()
@@ -70,13 +71,12 @@ def _weight_slices(layer: MoELayerInfo, weight_index: int, chunk: int) -> Iterat
 
 
 @torch.no_grad()  # also keeps OMoE's input capture from recording these forwards
-def _output_slices(layer: MoELayerInfo, tokens: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+def _output_slices(layer: ExpertLayer, tokens: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
     """[M, ≤chunk] slices of every expert's output on the same tokens, flattened over (token, dim)."""
-    experts = layer.module.deepspeed_moe.experts.deepspeed_experts
     tokens_per_slice = max(1, chunk // tokens.shape[1])
     for start in range(0, tokens.shape[0], tokens_per_slice):
         x = tokens[start:start + tokens_per_slice]
-        rows = torch.stack([expert(x).reshape(-1) for expert in experts]).float()
+        rows = torch.stack([layer.expert_forward(l, x).reshape(-1) for l in range(layer.num_local_experts)]).float()
         yield collectives.gather_over_ep(rows, layer.ep_size, log_name=GATHER_LOG)
 
 
@@ -91,41 +91,43 @@ def _differing_pairs(every: torch.Tensor, threshold: float) -> tuple:
     return count, _num_pairs(every.shape[0]) * every.shape[1]
 
 
-def _weight_figures(layer: MoELayerInfo, weight_index: int, threshold: float, chunk: int) -> tuple:
+def _weight_figures(layer: ExpertLayer, matrix: str, threshold: float, chunk: int) -> tuple:
     differing, variance = _Mean(), _Mean()
-    for every in _weight_slices(layer, weight_index, chunk):  # one pass: each slice is gathered once
+    for every in _weight_slices(layer, matrix, chunk):  # one pass: each slice is gathered once
         differing.add(*_differing_pairs(every, threshold))
         variance.add(*_variance_sum(every))
     return differing, variance
 
 
-def _output_variance(layer: MoELayerInfo, tokens: torch.Tensor, chunk: int) -> _Mean:
+def _output_variance(layer: ExpertLayer, tokens: torch.Tensor, chunk: int) -> _Mean:
     variance = _Mean()
     for every in _output_slices(layer, tokens, chunk):
         variance.add(*_variance_sum(every))
     return variance
 
 
-def _shared_tokens(layer: MoELayerInfo, tokens: torch.Tensor) -> torch.Tensor:
+def _shared_tokens(layer: ExpertLayer, tokens: torch.Tensor) -> torch.Tensor:
     """Rank 0's tokens on every rank: all experts, wherever they live, must see the same input."""
-    w1 = layer.local_experts[0][0].weight
-    return collectives.broadcast_from_rank0(tokens.detach().reshape(-1, w1.shape[1]).to(w1))
+    weight = layer.expert_parameters()[0]
+    return collectives.broadcast_from_rank0(tokens.detach().reshape(-1, layer.streams[0].d_in).to(weight.dtype))
 
 
-def expert_diversity(layers: List[MoELayerInfo], threshold: float = DEFAULT_THRESHOLD,
+def expert_diversity(layers: List[ExpertLayer], threshold: float = DEFAULT_THRESHOLD,
                      inputs: Optional[Sequence[torch.Tensor]] = None, chunk: int = DEFAULT_CHUNK) -> dict:
-    """{"layers": [{"w1": {...}, "w2": {...}, "output_variance"?}], "overall": {...}}; see the module doc.
+    """{"layers": [{<matrix>: {...} for each of the layer's matrices ("w1", "w2" for FFN experts; "gate",
+    "up", "down" for SwiGLU ones), "output_variance"?}], "overall": {...}}; see the module doc.
 
     inputs: per layer, token vectors [..., d_model] the experts are compared on; rank 0's are used on
     every rank. output_variance is left out without inputs (or without tokens). Every rank must call.
     """
     per_layer = []
-    overall = {name: {"differing": _Mean(), "variance": _Mean()} for name in WEIGHT_NAMES}
+    overall: Dict[str, Dict[str, _Mean]] = {}
     overall_outputs = _Mean()
     for layer in layers:
         figures = {}
-        for w, name in enumerate(WEIGHT_NAMES):
-            differing, variance = _weight_figures(layer, w, threshold, chunk)
+        for name in layer.matrix_names:
+            differing, variance = _weight_figures(layer, name, threshold, chunk)
+            overall.setdefault(name, {"differing": _Mean(), "variance": _Mean()})
             overall[name]["differing"].merge(differing)
             overall[name]["variance"].merge(variance)
             figures[name] = {"percent_differing": 100 * differing.value, "param_variance": variance.value}
@@ -153,11 +155,11 @@ def _overall(per_weight: Dict[str, Dict[str, _Mean]], outputs: _Mean) -> dict:
 
 
 def param_variance_by_layer(diversity: dict) -> List[Dict[str, float]]:
-    """The per-layer {"w1", "w2", "mean"} parameter variances of an expert_diversity result."""
+    """The per-layer {<matrix>, ..., "mean"} parameter variances of an expert_diversity result."""
     out = []
     for figures in diversity["layers"]:
-        w1, w2 = (figures[name]["param_variance"] for name in WEIGHT_NAMES)
-        out.append({"w1": w1, "w2": w2, "mean": (w1 + w2) / 2})
+        per_matrix = {name: f["param_variance"] for name, f in figures.items() if isinstance(f, dict)}
+        out.append({**per_matrix, "mean": sum(per_matrix.values()) / len(per_matrix)})
     return out
 
 
@@ -166,8 +168,8 @@ def mean_param_variance(per_layer: List[Dict[str, float]]) -> float:
     return sum(d["mean"] for d in per_layer) / len(per_layer)
 
 
-def expert_parameter_variance(layers: List[MoELayerInfo]) -> List[Dict[str, float]]:
-    """Per MoE layer: mean over parameter positions of the variance across experts, for W1 and W2 ([W|b] each)."""
+def expert_parameter_variance(layers: List[ExpertLayer]) -> List[Dict[str, float]]:
+    """Per MoE layer: mean over parameter positions of the variance across experts, per matrix ([W|b] each)."""
     return param_variance_by_layer(expert_diversity(layers))
 
 
@@ -176,8 +178,9 @@ def diversity_events(diversity: dict, step: int) -> list:
     events = [(f"Diversity/overall/{key}", value, step)
               for key, value in diversity["overall"].items() if not isinstance(value, dict)]
     for index, figures in enumerate(diversity["layers"]):
-        for name in WEIGHT_NAMES:
-            events += [(f"Diversity/layer{index}/{name}/{key}", value, step) for key, value in figures[name].items()]
+        for name, per_matrix in figures.items():
+            if isinstance(per_matrix, dict):
+                events += [(f"Diversity/layer{index}/{name}/{key}", value, step) for key, value in per_matrix.items()]
     return events
 
 
@@ -226,7 +229,7 @@ class LayerInputSample:
     """Keeps the first max_tokens token vectors each MoE gate sees while enabled (padding skipped): the
     common input expert_diversity runs every expert on."""
 
-    def __init__(self, layers: List[MoELayerInfo], max_tokens: int = 256):
+    def __init__(self, layers: List[ExpertLayer], max_tokens: int = 256):
         self.max_tokens = max_tokens
         self.enabled = False
         self.tokens: List[List[torch.Tensor]] = [[] for _ in layers]
@@ -257,7 +260,7 @@ class LayerInputSample:
 class ExpertLoadCounter:
     """Counts the tokens each gate sends to each expert while enabled; summed over all ranks on read."""
 
-    def __init__(self, layers: List[MoELayerInfo]):
+    def __init__(self, layers: List[ExpertLayer]):
         self.layers = layers
         self.enabled = False
         self.counts = [torch.zeros(layer.num_experts, dtype=torch.float64) for layer in layers]

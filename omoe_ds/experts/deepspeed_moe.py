@@ -1,0 +1,232 @@
+"""Adapter for DeepSpeed's native `deepspeed.moe.layer.MoE`, with FFN or SwiGLU experts.
+
+FFN experts hold two nn.Linear in forward order: w1 (d→d_ff, reads x) and w2 (d_ff→d, reads h).
+SwiGLU experts hold three nn.Linear named gate, up, down (or gate_proj, up_proj, down_proj):
+h = act(gate·x) ⊙ (up·x) enters down. DeepSpeed shards the experts over an EP group; this rank's
+local expert l is global expert ep_rank·E_local + l.
+
+Recording, with no collective:
+- x is summed on the *sending* side: the gate hook sees the gate's input tokens and their routes
+  (global expert per route, −1 where dropped or masked, so padding is never counted) and adds each
+  routed token to its global expert's row, local or not.
+- h exists only where the expert runs. DeepSpeed fills each source rank's block of C capacity slots
+  from slot 0 and pads it with exact zero rows (`_sparse_encode`), so the receiving rank finds its
+  filled slots itself: a slot is filled iff the first x-reading Linear's input row is nonzero. That
+  Linear's pre-hook stashes the mask for the down Linear's pre-hook of the same local expert, which
+  adds Σh and the count to its global row; other experts' rows stay 0 on this rank.
+  Caveat (measure zero): a real token whose hidden state is exactly the zero vector is counted in the
+  x stream but taken for an empty slot in the h stream; each mean uses its own count.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from deepspeed.moe.layer import MoE
+
+from ..core import collectives
+from ..core.config import OMoEConfigError
+from ..core.projection_hooks import ExpertGradProjector
+from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
+
+FFN_NAMES = ("w1", "w2")
+SWIGLU_NAMES = ("gate", "up", "down")
+_SWIGLU_ATTRS = (("gate", "up", "down"), ("gate_proj", "up_proj", "down_proj"))
+
+
+class SwiGLUExpert(nn.Module):
+    """down(act(gate·x) ⊙ up·x), the expert of Mixtral, Qwen, DeepSeek and OLMoE, as three nn.Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, activation=nn.SiLU, bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = activation()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class DeepSpeedMoELayer(ExpertLayer):
+    """A native MoE layer; `linears[l]` are local expert l's nn.Linear in matrix_names order."""
+    deepspeed_expert_files = True
+
+    def __init__(self, index: int, name: str, module: MoE, linears: List[List[nn.Linear]], swiglu: bool):
+        self.layout = "deepspeed-swiglu" if swiglu else "deepspeed-ffn"
+        self.matrix_names = SWIGLU_NAMES if swiglu else FFN_NAMES
+        self.matrix_streams = (X, X, H) if swiglu else (X, H)
+        first, down = linears[0][0], linears[0][-1]
+        streams = (Stream(first.in_features, first.bias is not None), Stream(down.in_features, down.bias is not None))
+        super().__init__(index, name, module, module.num_experts, module.ep_size, streams)
+        self.linears = linears
+        self.experts = module.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def local_experts(self) -> List[List[nn.Linear]]:
+        """[local expert][matrix] nn.Linear, in matrix_names order."""
+        return self.linears
+
+    @property
+    def gate(self):
+        return self.module.deepspeed_moe.gate
+
+    def expert_parameters(self) -> List[nn.Parameter]:
+        return [p for per_expert in self.linears for linear in per_expert for p in linear.parameters()]
+
+    def matrices(self, local: int) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        return {name: (linear.weight, linear.bias) for name, linear in zip(self.matrix_names, self.linears[local])}
+
+    def expert_forward(self, local: int, tokens: torch.Tensor) -> torch.Tensor:
+        return self.experts[local](tokens)
+
+    def attach_projection(self, view: ProjectorView, is_active, timer: list) -> list:
+        hooks = []
+        for local, per_expert in enumerate(self.linears):
+            for linear, stream in zip(per_expert, self.matrix_streams):
+                hooks.append(ExpertGradProjector(
+                    linear, lambda s=stream, l=local: view.leave_one_out(s, l),
+                    lambda s=stream, l=local: view.bias_column(s, l), lambda s=stream, l=local: view.bias_corner(s, l),
+                    is_active, timer))
+        return hooks
+
+    def attach_recorder(self, context: RecordContext) -> list:
+        return [_NativeRecorder(self, context)]
+
+
+class _NativeRecorder:
+    def __init__(self, layer: DeepSpeedMoELayer, context: RecordContext):
+        self.layer, self.context = layer, context
+        self.first_global = collectives.ep_rank(layer.ep_size) * layer.num_local_experts
+        self._in_dispatch = False
+        self._filled: List[Optional[torch.Tensor]] = [None] * layer.num_local_experts
+        self._handles = [layer.gate.register_forward_hook(self._after_gate),
+                         layer.module.register_forward_hook(self._after_layer)]
+        for local, per_expert in enumerate(layer.linears):
+            self._handles.append(per_expert[0].register_forward_pre_hook(self._make_mask_hook(local)))
+            self._handles.append(per_expert[-1].register_forward_pre_hook(self._make_hidden_hook(local)))
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _after_gate(self, gate, inputs, output) -> None:
+        self._in_dispatch = self.context.should_capture(gate)
+        if not self._in_dispatch:
+            return
+        x = inputs[0].detach()  # [S, d], the tokens the MoE layer dispatches (gate logits use a jittered copy)
+        indices = output[3].to(torch.int64)  # [k, S] global expert per route, −1 where dropped or masked
+        experts = torch.arange(self.layer.num_experts, device=indices.device)
+        routed = (indices.unsqueeze(-1) == experts).any(0)  # [S, M]; the k routes name distinct experts
+        self.context.window.add_routed(X, routed, x)
+
+    def _after_layer(self, moe, inputs, output) -> None:
+        # The masks describe this dispatch only; an expert Linear called outside it records nothing.
+        self._in_dispatch = False
+        self._filled = [None] * self.layer.num_local_experts
+
+    def _make_mask_hook(self, local: int):
+        def find_filled_slots(linear, inputs):
+            if not self._in_dispatch or not self.context.should_capture(linear):
+                return
+            x = inputs[0].detach()  # [ep_size, 1, C, d]: one block of C slots per source rank
+            self._filled[local] = (x != 0).any(-1).reshape(-1)
+        return find_filled_slots
+
+    def _make_hidden_hook(self, local: int):
+        def record_hidden(linear, inputs):
+            filled = self._filled[local]
+            if filled is None or not self.context.should_capture(linear):
+                return
+            self._filled[local] = None
+            h = inputs[0].detach().reshape(filled.shape[0], -1)
+            self.context.window.add_expert(H, self.first_global + local, filled.float() @ h.float(), filled.sum())
+        return record_hidden
+
+
+def _expert_linears(expert: nn.Module, where: str) -> Tuple[List[nn.Linear], bool]:
+    """(the expert's nn.Linear in matrix order, is SwiGLU), or one clear error."""
+    linears = [m for m in expert.modules() if isinstance(m, nn.Linear)]
+    linear_params = {id(p) for linear in linears for p in linear.parameters()}
+    others = [name for name, p in expert.named_parameters() if id(p) not in linear_params]
+    for attrs in _SWIGLU_ATTRS:
+        named = [getattr(expert, a, None) for a in attrs]
+        if len(linears) == 3 and not others and all(isinstance(m, nn.Linear) for m in named):
+            gate, up, down = named
+            if not (gate.in_features == up.in_features == down.out_features
+                    and gate.out_features == up.out_features == down.in_features):
+                raise OMoEConfigError(f"{where}: the SwiGLU expert {type(expert).__name__} has gate {_shape(gate)}, up "
+                                      f"{_shape(up)} and down {_shape(down)}; OMoE expects gate, up d→d_ff and down d_ff→d")
+            if (gate.bias is None) != (up.bias is None):
+                raise OMoEConfigError(f"{where}: gate and up read the same input and share one projector, so they must "
+                                      "both have a bias or both have none; build them alike")
+            return named, True
+    if len(linears) != 2 or others:
+        raise OMoEConfigError(
+            f"{where}: OMoE needs each expert to hold two nn.Linear (input→hidden, hidden→output) or three named "
+            f"gate, up, down (SwiGLU), and no other parameters, but the expert module {type(expert).__name__} has "
+            f"{len(linears)} nn.Linear" + (f" and other parameters {others}" if others else "")
+            + "; build it with omoe_ds.make_moe_ffn(..., expert=\"ffn\" or \"swiglu\")")
+    w1, w2 = linears
+    if w1.out_features != w2.in_features or w1.in_features != w2.out_features:
+        raise OMoEConfigError(
+            f"{where}: the expert {type(expert).__name__} has Linear shapes {_shape(w1)} and {_shape(w2)}; OMoE "
+            "expects d→d_ff then d_ff→d in that registration order")
+    return [w1, w2], False
+
+
+def _shape(linear: nn.Linear) -> str:
+    return f"{linear.in_features}→{linear.out_features}"
+
+
+def describe(index: int, name: str, module: nn.Module) -> Optional[DeepSpeedMoELayer]:
+    """The layer's description if `module` is a native DeepSpeed MoE layer, else None."""
+    if not isinstance(module, MoE):
+        return None
+    where = f"MoE layer {name or '<root>'}"
+    if module.num_experts < 2:
+        raise OMoEConfigError(
+            f"{where} has num_experts={module.num_experts}: OMoE projects each expert's gradient by the mean "
+            "projector of the *other* experts, which needs at least 2 experts; use num_experts >= 2")
+    if module.num_experts % module.ep_size:
+        raise OMoEConfigError(f"{where}: num_experts={module.num_experts} is not divisible by ep_size="
+                              f"{module.ep_size}; pick an ep_size that divides the expert count")
+    if getattr(module.deepspeed_moe, "use_tutel", False):
+        raise OMoEConfigError(f"{where} uses Tutel dispatch; OMoE reads DeepSpeed's own dispatch, build the "
+                              "layer with use_tutel=False")
+    experts = module.deepspeed_moe.experts.deepspeed_experts
+    found = [_expert_linears(e, f"{where}, local expert {i}") for i, e in enumerate(experts)]
+    return DeepSpeedMoELayer(index, name, module, [linears for linears, _ in found], found[0][1])
+
+
+def make_moe_ffn(d_model: int, d_ff: int, num_experts: int, ep_size: int = 1, k: int = 1, activation=None,
+                 capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
+                 drop_tokens: bool = True, use_rts: bool = True, noisy_gate_policy=None, expert: str = "ffn",
+                 bias: Optional[bool] = None, top2_2nd_expert_sampling: bool = True) -> MoE:
+    """A stock DeepSpeed MoE layer, checked first, whose experts are FFNs (expert="ffn":
+    Linear→activation→Linear, GELU and biases by default) or SwiGLU (expert="swiglu": gate, up,
+    down, SiLU and no biases by default, as in Mixtral and Qwen).
+
+    drop_tokens=False, use_rts=False, noisy_gate_policy=None (and top2_2nd_expert_sampling=False with
+    k=2: DeepSpeed samples the second expert with Gumbel noise by default) make routing deterministic
+    and lossless, which is what equality across EP sizes needs.
+    """
+    if num_experts < 2:
+        raise OMoEConfigError(f"num_experts={num_experts}: OMoE needs at least 2 experts per MoE layer")
+    if ep_size < 1 or num_experts % ep_size:
+        raise OMoEConfigError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}; "
+                              "choose an ep_size that divides the expert count")
+    if k not in (1, 2):
+        raise OMoEConfigError(f"k={k}: DeepSpeed's MoE gate supports top-1 and top-2 routing; use k=1 or k=2")
+    if expert == "ffn":
+        built = nn.Sequential(nn.Linear(d_model, d_ff, bias=True if bias is None else bias),
+                              (activation or nn.GELU)(), nn.Linear(d_ff, d_model, bias=True if bias is None else bias))
+    elif expert == "swiglu":
+        built = SwiGLUExpert(d_model, d_ff, activation or nn.SiLU, bias=bool(bias))
+    else:
+        raise OMoEConfigError(f"expert={expert!r}: use \"ffn\" (Linear→activation→Linear) or \"swiglu\" (gate, up, down)")
+    return MoE(hidden_size=d_model, expert=built, num_experts=num_experts, ep_size=ep_size, k=k,
+               capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+               drop_tokens=drop_tokens, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
+               top2_2nd_expert_sampling=top2_2nd_expert_sampling)
