@@ -6,6 +6,7 @@ Per layout (native FFN and SwiGLU at EP = world size, transformers' fused expert
 same global batches for 21 steps (O steps at 5, 10, 15, 20), fp32, SGD with momentum, and:
 - the final parameters and projectors, keyed by global expert id (run.<case>.rank<r>.pt);
 - at step 4, each rank's window against an independent recomputation from the router's top-k;
+- the diversity figures of the final experts (sharded ones gathered slice by slice);
 - at step 5, the O-step gradient of every expert matrix against G̃·P̄ from all-gathered projectors;
 - a checkpoint at step 12, resumed by a fresh engine: its step-21 state must equal the run's bit for bit;
 - at world 1, Mixtral's 2-rank step-12 checkpoint resharded for 1 rank and continued to step 21.
@@ -26,6 +27,7 @@ from omoe_ds.core import environment, projector
 from omoe_ds.experts import expert_parameters_by_global_id
 from omoe_ds.experts.base import STREAMS, X, H
 from omoe_ds.experts.deepspeed_moe import DeepSpeedMoELayer
+from omoe_ds.studies.diversity import expert_diversity
 
 STEPS = 21
 GLOBAL_BATCH = 8
@@ -301,6 +303,9 @@ def run_case(case: str, out: str, two_rank_out=None) -> None:
     train(engine, batches, 0, STEPS, checks=checks, save_dir=save_dir)
     final = state(engine)
     torch.save(final, os.path.join(out, f"run.{case}.rank{rank}.pt"))
+    g = torch.Generator().manual_seed(3)  # every expert on the same tokens, wherever it lives
+    tokens = [torch.randn(10, layer.streams[0].d_in, generator=g) for layer in engine.omoe.layers]
+    diversity = expert_diversity(engine.omoe.layers, inputs=tokens)
 
     resumed = build(case)
     omoe_ds.load_checkpoint(resumed, save_dir, tag="step12")
@@ -309,7 +314,7 @@ def run_case(case: str, out: str, two_rank_out=None) -> None:
     bit_exact = all(torch.equal(a, b) for part in ("params", "dense", "projectors")
                     for a, b in zip(final[part].values(), again[part].values())) and \
         all(torch.equal(a, b) for wa, wb in zip(final["windows"], again["windows"]) for a, b in zip(wa, wb))
-    report = {"layouts": layouts, "window": checks["window"], "o_step_gradient": checks["o_step_gradient"],
+    report = {"layouts": layouts, "diversity": diversity, "window": checks["window"], "o_step_gradient": checks["o_step_gradient"],
               "o_step_moved": checks["o_step_moved"], "o_steps_done": final["o_steps_done"],
               "projector_streams": sorted({k.rsplit(".", 1)[1] for k in final["projectors"]}),
               "x_projectors_per_layer": [len(P) for P in engine.omoe.P],

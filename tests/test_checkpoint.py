@@ -284,6 +284,21 @@ def test_checkpoints_that_do_not_fit_are_refused_untouched(saved, single_process
     assert fingerprint(ckpt) == before
 
 
+def test_projectors_saved_with_per_matrix_keys_still_load(saved, single_process_group, tmp_path):
+    """Checkpoints written before projectors were keyed by input stream name them w1 (x) and w2 (h)."""
+    ckpt = copy_of(saved, tmp_path)
+    tag_dir = ckpt / "global_step4"
+    marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    for path in tag_dir.glob("omoe_proj_layer*_e*.pt"):
+        P = torch.load(path)
+        torch.save({"w1": P["x"], "w2": P["h"]}, path)
+        marker["files"][path.name] = path.stat().st_size
+    (tag_dir / COMPLETE_MARKER).write_text(json.dumps(marker))
+    engine = build_engine(seed=5)
+    load_checkpoint(engine, str(ckpt))
+    assert differences(engine.omoe.projectors_by_global_id(), build_engine().omoe.projectors_by_global_id()) == []
+
+
 def test_latest_complete_tag_skips_a_save_that_died(saved, single_process_group, tmp_path):
     """DeepSpeed's `latest` names the new tag as soon as its files exist; the marker comes last."""
     ckpt = copy_of(saved, tmp_path)

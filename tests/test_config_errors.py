@@ -106,6 +106,68 @@ def test_expert_that_is_not_two_linears_is_refused(expert, match):
         omoe_ds.initialize(model=model, config=cfg())
 
 
+class BadSwiGLU(nn.Module):
+    def __init__(self, gate_bias=True, up_bias=False, d_ff=16):
+        super().__init__()
+        self.gate, self.up = nn.Linear(8, 16, bias=gate_bias), nn.Linear(8, d_ff, bias=up_bias)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(self.gate(x) * self.up(x))
+
+
+@pytest.mark.parametrize("expert,match", [
+    (BadSwiGLU(), r"gate and up read the same input and share one projector, so they must both have a bias"),
+    (BadSwiGLU(up_bias=True, d_ff=12), r"gate 8→16, up 8→12 and down 16→8; OMoE expects gate, up d→d_ff"),
+])
+def test_swiglu_expert_whose_gate_and_up_differ_is_refused(expert, match):
+    with pytest.raises(OMoEConfigError, match=match):
+        omoe_ds.initialize(model=nn.Sequential(MoE(8, expert, num_experts=2)), config=cfg())
+
+
+def test_swiglu_expert_is_found_with_three_streams_shared():
+    (layer,) = find_expert_layers(nn.Sequential(omoe_ds.make_moe_ffn(8, 12, 4, expert="swiglu")))
+    assert layer.layout == "deepspeed-swiglu" and layer.matrix_names == ("gate", "up", "down")
+    assert [(s.d_in, s.has_bias) for s in layer.streams] == [(8, False), (12, False)]
+    with pytest.raises(OMoEConfigError, match=r"expert='moe': use \"ffn\".*or \"swiglu\""):
+        omoe_ds.make_moe_ffn(8, 12, 4, expert="moe")
+
+
+def tiny_hf_moe(model_type: str, **kwargs):
+    import transformers
+    common = dict(vocab_size=48, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = {"gpt_oss": lambda: transformers.GptOssConfig(intermediate_size=12, num_local_experts=4, head_dim=8,
+                                                           num_experts_per_tok=2, **common),
+              "mixtral": lambda: transformers.MixtralConfig(intermediate_size=12, num_local_experts=4,
+                                                            num_experts_per_tok=2, **common)}[model_type]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def test_gpt_oss_experts_are_refused_by_name():
+    with pytest.raises(OMoEConfigError, match=r"GptOssExperts\) has transposed \[E, in, out\] weights, interleaved "
+                                              r"gate/up rows, expert biases; .*GPT-OSS-style experts are not supported"):
+        omoe_ds.initialize(model=tiny_hf_moe("gpt_oss"), config=cfg())
+
+
+def test_experts_implementation_omoe_cannot_read_is_refused():
+    model = tiny_hf_moe("mixtral")
+    model.config._experts_implementation = "sonicmoe"  # a CUDA kernel: h never leaves it
+    with pytest.raises(OMoEConfigError, match=r"experts_implementation='sonicmoe' computes h inside a kernel .*"
+                                              r"experts_implementation=\"grouped_mm\""):
+        omoe_ds.initialize(model=model, config=cfg())
+
+
+def test_fused_experts_are_found_in_a_transformers_model():
+    layers = find_expert_layers(tiny_hf_moe("mixtral"))
+    assert [(layer.name, layer.layout, layer.num_experts, layer.ep_size) for layer in layers] == [
+        ("model.layers.0.mlp.experts", "hf-fused", 4, 1)]
+    assert [(s.d_in, s.has_bias) for s in layers[0].streams] == [(16, False), (12, False)]
+    gate, up = layers[0].matrices(1)["gate"][0], layers[0].matrices(1)["up"][0]
+    fused = layers[0].module.gate_up_proj
+    assert torch.equal(torch.cat([gate, up]), fused[1]) and gate.data_ptr() == fused[1].data_ptr()  # views
+
+
 def test_model_without_moe_layers_is_refused():
     with pytest.raises(OMoEConfigError, match=r"has no MoE layer OMoE knows \(deepspeed.moe.layer.MoE, or transformers. fused experts"):
         omoe_ds.initialize(model=nn.Linear(3, 3), config=cfg())

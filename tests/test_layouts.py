@@ -108,3 +108,24 @@ def test_resume_from_mid_window_checkpoint_is_bit_exact(runs, case):
 def test_fused_checkpoint_resharded_from_two_ranks_continues_like_one_process(runs):
     (report,) = reports(runs[1], RESHARDED)
     assert report["resharded_from_2_ranks_max_diff"] <= TOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_diversity_goes_through_the_layout(runs, case):
+    """Per layer and matrix, the parameter variance across experts equals a recomputation from the final
+    parameters keyed by global expert id; 2 ranks (gathered) give the figures of 1 process."""
+    one = merged(runs[1], case)["params"]
+    for world in (1, 2):
+        for report in reports(runs[world], case):
+            for L, figures in enumerate(report["diversity"]["layers"]):
+                names = sorted(k for k, v in figures.items() if isinstance(v, dict))
+                assert names == (["w1", "w2"] if case == "native_ffn" else ["down", "gate", "up"])
+                for name in names:
+                    experts = sorted({int(k.split(".")[1][len("expert"):]) for k in one if k.startswith(f"layer{L}.")})
+                    stacked = torch.stack([torch.cat([one[f"layer{L}.expert{g}.{name}.{part}"].double().reshape(-1)
+                                                      for part in ("weight", "bias")
+                                                      if f"layer{L}.expert{g}.{name}.{part}" in one])
+                                           for g in experts])
+                    expected = stacked.var(dim=0, unbiased=False).mean().item()
+                    assert figures[name]["param_variance"] == pytest.approx(expected, rel=1e-5)
+                assert figures["output_variance"] > 0
