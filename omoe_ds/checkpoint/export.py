@@ -15,6 +15,14 @@ sibling, then renamed).
 its own experts (global id = ep_rank · E_local + local id); it runs in a single process without DeepSpeed's
 engine, or goes to `omoe_ds.initialize` (with `bind_groups=False`) for further training.
 
+A checkpoint of a transformers fused-expert MoE model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3 …: a config
+without omoe_moe whose model has experts that omoe_ds.experts.hf_fused recognises) holds every expert in
+`mp_rank_00_model_states.pt` (`gate_up_proj [E, 2ff, d]`, `down_proj [E, d, ff]`, replicated, EP = 1). Its
+export is the model's own `save_pretrained` directory (transformers writes the experts in the model's original
+checkpoint layout, and `from_pretrained` fuses them back, bit for bit), with `omoe_export.layout` "hf-fused";
+plain `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it, and so does `load_exported(out)`, at
+ep_size 1 only.
+
 A checkpoint that does not fit its config (expert count, architecture, missing or unreadable files) is
 refused with a `CheckpointError` naming the file and the mismatch; export never writes into the checkpoint.
 """
@@ -36,9 +44,10 @@ import torch
 from torch import nn
 
 from ..core.config import OMoEConfigError
+from ..experts.hf_fused import is_fused_experts
 from ..finetune.convert import SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_expert_groups, convert_to_moe
-from .layout import (COMPLETE_MARKER, COMPLETE_MARKERS, EXPERT_INFIX, HF_DIR, NON_EXPERT_FILE, CheckpointError,
-                     expert_file)
+from .layout import (COMPLETE_MARKER, COMPLETE_MARKERS, EXPERT_INFIX, HF_DIR, META_FILE, NON_EXPERT_FILE,
+                     CheckpointError, expert_file)
 
 EXPORT_FORMAT_VERSION = 1
 _EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -46,11 +55,15 @@ _ZERO3_STATES_RE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$"
 CONFIG_FILE = "config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-# Task heads by the names omoe_ds.train uses, plus the bare encoder.
+# Task heads by the names omoe_ds.train uses, plus the bare encoder and the causal LM (transformers' MoE models).
 HEADS = {"base": "AutoModel", "sequence_classification": "AutoModelForSequenceClassification",
          "regression": "AutoModelForSequenceClassification",
          "token_classification": "AutoModelForTokenClassification",
-         "question_answering": "AutoModelForQuestionAnswering"}
+         "question_answering": "AutoModelForQuestionAnswering", "causal_lm": "AutoModelForCausalLM"}
+ENCODER_HEADS = ("base", "sequence_classification", "token_classification", "question_answering")
+FUSED_HEADS = ("causal_lm", *ENCODER_HEADS)  # the heads a config without architectures is tried with
+EP1, HF_FUSED = "ep1", "hf-fused"  # omoe_export.layout: a converted encoder's DeepSpeed experts, transformers' own
+FUSED_MODELS = "transformers' fused-expert MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 …)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,30 +203,61 @@ def _torch_load(path: str, what: str):
 
 
 def _read_config(config_dir: str, tag_dir: Optional[str], explicit: bool):
+    """(config, its path, layout): EP1 for an encoder converted by omoe_ds.finetune.convert (omoe_moe), HF_FUSED
+    for a transformers model whose experts are fused parameters."""
     from transformers import AutoConfig
     path = os.path.join(config_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         if explicit:
             raise CheckpointError(f"--config {config_dir}: {path} does not exist; name the directory holding the "
-                                  "converted model's config.json (the one with omoe_moe)")
+                                  "model's config.json (a converted model's, with omoe_moe, or that of one of "
+                                  f"{FUSED_MODELS})")
         raise CheckpointError(f"{path} is missing: the checkpoint {tag_dir} carries no model config (a plain "
-                              "DeepSpeed checkpoint); pass --config DIR (config_dir=) naming the directory of the "
-                              "converted model's config.json, e.g. model.config.save_pretrained(DIR) of the trained "
-                              "model")
+                              f"DeepSpeed checkpoint){_saved_model(tag_dir)}; pass --config DIR (config_dir=) naming "
+                              "the directory of the trained model's config.json (the converted model's, or the "
+                              "transformers MoE model's), e.g. model.config.save_pretrained(DIR) of the trained model")
     try:
         with open(path) as f:
             raw = json.load(f)
         config = AutoConfig.from_pretrained(config_dir)
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as a transformers config ({type(exc).__name__}: {exc})") from exc
-    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{path}: model_type={raw.get('model_type')!r} is not an omoe-ds MoE model; supported "
-                              f"model types are {SUPPORTED_MODEL_TYPES}")
-    if not isinstance(raw.get("omoe_moe"), dict):
-        raise CheckpointError(f"{path} has no omoe_moe section, so it does not record the MoE layout (expert count, "
-                              "converted layers); use the config of the converted model "
-                              "(convert_to_moe records omoe_moe), passed with --config")
-    return config, path
+    model_type = raw.get("model_type")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        if not isinstance(raw.get("omoe_moe"), dict):
+            raise CheckpointError(f"{path} has no omoe_moe section, so it does not record the MoE layout (expert "
+                                  "count, converted layers); use the config of the converted model "
+                                  "(convert_to_moe records omoe_moe), passed with --config")
+        return config, path, EP1
+    if "omoe_moe" not in raw and any(is_fused_experts(m) for m in _meta_model(_candidate_classes(
+            config, path, heads=FUSED_HEADS)[:1], config, path).modules()):
+        return config, path, HF_FUSED
+    raise CheckpointError(f"{path}: model_type={model_type!r} is not an omoe-ds MoE model; supported are the "
+                          f"encoders {SUPPORTED_MODEL_TYPES} converted by omoe_ds.finetune.convert (a config with "
+                          f"omoe_moe) and {FUSED_MODELS}")
+
+
+def _saved_model(tag_dir: Optional[str]) -> str:
+    """What the checkpoint's omoe_meta.pt says was trained, as a clause for an error message ('' if unknown)."""
+    try:
+        meta = torch.load(os.path.join(tag_dir, META_FILE), map_location="cpu", weights_only=True)
+        fused = any(layer.get("layout") == HF_FUSED for layer in meta["layers"])
+        return (f"; its {META_FILE} records a {meta['model_class']} (model_type {meta['model_type']})"
+                + (" with transformers' fused experts" if fused else ""))
+    except Exception:
+        return ""
+
+
+def _meta_model(classes: List[type], config, path: str) -> nn.Module:
+    """The first of `classes` built from config on the meta device (an empty module if none)."""
+    if not classes:
+        return nn.Module()
+    try:
+        with torch.device("meta"):
+            return classes[0](config)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: {classes[0].__name__} cannot be built from it ({type(exc).__name__}: "
+                              f"{exc})") from exc
 
 
 def _conversion_config(omoe_moe: dict, path: str, **override) -> MoEConversionConfig:
@@ -271,12 +315,12 @@ def _moe_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def _candidate_classes(config, path: str, heads_only: bool = False) -> List[type]:
+def _candidate_classes(config, path: str, heads_only: bool = False, heads=ENCODER_HEADS) -> List[type]:
     architectures = getattr(config, "architectures", None) or []
     if architectures and not heads_only:
         return [_model_class(architectures[0], config, path)]
     found = []
-    for head in ("base", "sequence_classification", "token_classification", "question_answering"):
+    for head in heads:
         try:
             cls = _head_class(head, config, path)
         except CheckpointError:
@@ -292,12 +336,14 @@ class ConsolidatedCheckpoint:
     state_dict: Dict[str, torch.Tensor]
     config: object                 # transformers PretrainedConfig (the checkpoint's, omoe_moe as trained)
     config_path: str
-    conversion: MoEConversionConfig
+    conversion: Optional[MoEConversionConfig]  # None for HF_FUSED
     architecture: str
     tag_dir: str
     tag: str
     model_states: dict             # the non-expert file's metadata (global_steps, ds_version, …), no tensors
-    moe_layers: List[dict]         # per MoE layer: id, module name, encoder layer index, expert count
+    moe_layers: List[dict]         # per MoE layer: id, module name, expert count (ep1: encoder layer; hf-fused: params)
+    layout: str = EP1
+    skeleton: Optional[nn.Module] = None  # HF_FUSED: the model on the meta device, state_dict's keys and shapes
 
 
 def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[str] = None) -> ConsolidatedCheckpoint:
@@ -311,18 +357,14 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
     _check_marker_sizes(tag_dir, [NON_EXPERT_FILE, os.path.join(HF_DIR, CONFIG_FILE)]
                         + sorted(n for n in os.listdir(tag_dir) if _EXPERT_FILE_RE.match(n)))
     explicit = config_dir is not None
-    config, config_path = _read_config(config_dir if explicit else os.path.join(tag_dir, HF_DIR), tag_dir, explicit)
+    config, config_path, layout = _read_config(config_dir if explicit else os.path.join(tag_dir, HF_DIR), tag_dir,
+                                               explicit)
+    if layout == HF_FUSED:
+        return _read_fused(tag_dir, tag, config, config_path)
     conversion = _conversion_config(config.omoe_moe, config_path)
     M = conversion.num_experts
 
-    states_path = os.path.join(tag_dir, NON_EXPERT_FILE)
-    states = _torch_load(states_path, "DeepSpeed's model-states file (every non-expert tensor and the gates)")
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise CheckpointError(f"{states_path} is not a DeepSpeed model-states file: it holds no 'module' state dict")
-    module_state = states["module"]
-    bad = [k for k, v in module_state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{states_path}: 'module' entry {bad[0]!r} is not a tensor")
+    states_path, states, module_state = _model_states(tag_dir, "every non-expert tensor and the gates")
     recorded = states.get("num_experts")
     if isinstance(recorded, list) and any(n != M for n in recorded):
         raise CheckpointError(f"expert count mismatch: {states_path} records num_experts={recorded} per MoE layer, but "
@@ -338,17 +380,11 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
     if named is not None and not explicit and not isinstance(getattr(config, "omoe_job", None), dict):
         candidates += [c for c in _candidate_classes(config, config_path, heads_only=True) if c not in candidates]
     expert_files = _expert_files(tag_dir)
-    chosen = None
-    for cls in candidates:
-        model = _skeleton(cls, config, conversion)
-        expected = model.state_dict()
-        non_expert = {k for k in expected if EXPERT_INFIX not in k}
-        if set(module_state) == non_expert:
-            chosen = cls
-            break
+    chosen, model = _fitting_class(candidates, module_state, lambda cls: _skeleton(cls, config, conversion),
+                                   lambda key: EXPERT_INFIX not in key)
     if chosen is None and named is not None:  # keep the named class: _check_keys below says what does not fit
-        chosen = named
-        model = _skeleton(named, config, conversion)
+        chosen, model = named, _skeleton(named, config, conversion)
+    if model is not None:
         expected = model.state_dict()
         non_expert = {k for k in expected if EXPERT_INFIX not in k}
     if chosen is None:
@@ -417,9 +453,77 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
             raise CheckpointError(f"architecture mismatch: {path}: {key} has shape {tuple(tensor.shape)}, but {where} "
                                   f"expects {shape}; the checkpoint was trained with another config "
                                   "(hidden size, labels, vocabulary?)")
-    meta = {k: v for k, v in states.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    meta = _states_meta(states)
     meta["num_experts"] = recorded
     return ConsolidatedCheckpoint(state, config, config_path, conversion, arch, tag_dir, tag, meta, layers)
+
+
+def _model_states(tag_dir: str, holding: str):
+    """(path, DeepSpeed's model-states dict, its 'module' state dict) of a tag, checked to be tensors."""
+    states_path = os.path.join(tag_dir, NON_EXPERT_FILE)
+    states = _torch_load(states_path, f"DeepSpeed's model-states file ({holding})")
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise CheckpointError(f"{states_path} is not a DeepSpeed model-states file: it holds no 'module' state dict")
+    module_state = states["module"]
+    bad = [k for k, v in module_state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{states_path}: 'module' entry {bad[0]!r} is not a tensor")
+    return states_path, states, module_state
+
+
+def _states_meta(states: dict) -> dict:
+    return {k: v for k, v in states.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _fitting_class(candidates: List[type], module_state: dict, build, held):
+    """(class, skeleton) of the first candidate whose state-dict keys for which held(key) are exactly the keys of
+    module_state; (None, None) when none fits."""
+    for cls in candidates:
+        model = build(cls)
+        if set(module_state) == {k for k in model.state_dict() if held(k)}:
+            return cls, model
+    return None, None
+
+
+_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> ConsolidatedCheckpoint:
+    """A checkpoint of a transformers fused-expert MoE model: every tensor, experts included, is in DeepSpeed's
+    model-states file, under the model's own state-dict keys."""
+    states_path, states, module_state = _model_states(tag_dir, "every tensor, the fused experts included")
+    candidates = _candidate_classes(config, config_path, heads=FUSED_HEADS)
+    chosen, model = _fitting_class(candidates, module_state, lambda cls: _meta_model([cls], config, config_path),
+                                   lambda key: True)
+    if chosen is None:  # the named (or most likely) class: _check_keys below says what does not fit
+        chosen, model = candidates[0], _meta_model(candidates[:1], config, config_path)
+    experts = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
+    where = f"{chosen.__name__} (model_type {config.model_type}, {len(experts)} fused-expert layers) from {config_path}"
+    expert_files = _expert_files(tag_dir)
+    if expert_files:
+        files = expert_files[min(expert_files)]
+        raise CheckpointError(f"architecture mismatch: {os.path.join(tag_dir, files[min(files)])} is a DeepSpeed MoE "
+                              f"expert file, but {where} keeps its experts as fused parameters in {NON_EXPERT_FILE}; "
+                              "pass the converted model's config (with omoe_moe) with --config")
+    expected = model.state_dict()
+    _check_keys(states_path, set(module_state), set(expected), where)
+    expert_keys = [f"{name}.{p}" for name, _ in experts for p in ("gate_up_proj", "down_proj")]
+    for key in expert_keys + [k for k in module_state if k not in set(expert_keys)]:
+        have, want = tuple(module_state[key].shape), tuple(expected[key].shape)
+        if have == want:
+            continue
+        if key in expert_keys and have[1:] == want[1:]:
+            fields = ", ".join(f"{f}={want[0]}" for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None) == want[0])
+            raise CheckpointError(f"expert count mismatch: {states_path}: {key} holds {have[0]} experts (shape "
+                                  f"{have}), but {config_path} gives {want[0]} ({fields or 'its expert count'}, "
+                                  f"shape {want}); use the config the checkpoint was trained with (--config)")
+        raise CheckpointError(f"architecture mismatch: {states_path}: {key} has shape {have}, but {where} expects "
+                              f"{want}; the checkpoint was trained with another config (hidden size, vocabulary, "
+                              "layers?), pass that one with --config")
+    layers = [{"moe_layer_id": L, "module": name, "num_experts": m.gate_up_proj.shape[0],
+               "fused_parameters": [f"{name}.gate_up_proj", f"{name}.down_proj"]} for L, (name, m) in enumerate(experts)]
+    return ConsolidatedCheckpoint(dict(module_state), config, config_path, None, chosen.__name__, tag_dir, tag,
+                                  _states_meta(states), layers, HF_FUSED, model)
 
 
 def _expert_files(tag_dir: str) -> Dict[int, Dict[int, str]]:
@@ -475,18 +579,21 @@ def export_checkpoint(ckpt: str, out: str, tag: Optional[str] = None, config_dir
     config = source.config
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in source.state_dict.values() if t.is_floating_point()})
     config.architectures = [source.architecture]
-    config.omoe_moe = {**dataclasses.asdict(dataclasses.replace(source.conversion, ep_size=1)),
-                       "layers": list(source.conversion.layers) if source.conversion.layers is not None else None}
+    fused = source.layout == HF_FUSED
+    if not fused:
+        config.omoe_moe = {**dataclasses.asdict(dataclasses.replace(source.conversion, ep_size=1)),
+                           "layers": list(source.conversion.layers) if source.conversion.layers is not None else None}
     config.omoe_export = {
         "format_version": EXPORT_FORMAT_VERSION,
-        "layout": "ep1",  # expert g of a MoE layer is stored as local expert g
+        # ep1: expert g of a MoE layer is stored as local expert g; hf-fused: the model's own save_pretrained
+        "layout": source.layout,
         "moe_layers": source.moe_layers,
         "num_moe_layers": len(source.moe_layers),
         "num_experts_per_layer": [layer["num_experts"] for layer in source.moe_layers],
-        "top_k": source.conversion.k,
+        "top_k": getattr(config, "num_experts_per_tok", None) if fused else source.conversion.k,
         "source_checkpoint": source.tag_dir,
         "source_tag": source.tag,
-        "source_ep_size": source.conversion.ep_size,
+        "source_ep_size": 1 if fused else source.conversion.ep_size,
         "global_steps": source.model_states.get("global_steps"),
         "global_samples": source.model_states.get("global_samples"),
         "deepspeed_version": source.model_states.get("ds_version"),
@@ -500,8 +607,11 @@ def export_checkpoint(ckpt: str, out: str, tag: Optional[str] = None, config_dir
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the export is an ordinary directory
-        _write_tensors(_independent(source.state_dict), tmp)
-        config.save_pretrained(tmp)
+        if fused:
+            _save_fused(source, tmp)
+        else:
+            _write_tensors(_independent(source.state_dict), tmp)
+            config.save_pretrained(tmp)
         for hf_dir in (os.path.dirname(source.config_path), os.path.join(source.tag_dir, HF_DIR)):
             names = sorted(n for n in os.listdir(hf_dir) if _is_tokenizer_file(hf_dir, n)) if os.path.isdir(hf_dir) else []
             for name in names:  # the tokenizer beside the config used, else the checkpoint's own
@@ -532,16 +642,30 @@ def _check_out(out: str, source: str, overwrite: bool) -> None:
                                   "pass --overwrite (overwrite=True) to replace it, or choose another --out")
 
 
-def _independent(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage or are views of a larger buffer: copy those."""
-    seen, out = set(), {}
+def _independent(state: Dict[str, torch.Tensor], keep_aliases: bool = False) -> Dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage or are views of a larger buffer: copy those.
+    keep_aliases: names of one and the same whole tensor (tied weights) keep sharing it."""
+    seen, out = {}, {}
     for key, t in state.items():
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         whole = t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+        if whole and ptr in seen and keep_aliases and seen[ptr].shape == t.shape and seen[ptr].dtype == t.dtype:
+            out[key] = seen[ptr]
+            continue
         out[key] = t if whole and ptr not in seen else t.detach().clone(memory_format=torch.contiguous_format)
-        seen.add(ptr)
+        seen.setdefault(ptr, out[key])
     return out
+
+
+def _save_fused(source: ConsolidatedCheckpoint, directory: str) -> None:
+    """The model's own save_pretrained (config.json, generation_config.json, safetensors): transformers writes the
+    experts in the model's original checkpoint layout (Mixtral's experts.{i}.w1/w2/w3 …) and from_pretrained
+    fuses them back. The checkpoint's tensors become the meta skeleton's, without a copy; tied weights stay one
+    tensor (save_pretrained keeps one name), every other view of a shared buffer is copied out."""
+    model = source.skeleton
+    model.load_state_dict(_independent(source.state_dict, keep_aliases=True), strict=True, assign=True)
+    model.save_pretrained(directory, max_shard_size="5GB")
 
 
 def _write_tensors(state: Dict[str, torch.Tensor], directory: str) -> None:
@@ -612,32 +736,30 @@ def load_exported(path: str, ep_size: int = 1, head=None, bind_groups: bool = Tr
     bind_groups=True binds the MoE layers to their expert-parallel group (creating a one-process gloo group
     when none exists): the model runs forward as it is, for inference. Pass bind_groups=False for a model
     going to omoe_ds.initialize / deepspeed.initialize, which binds the groups itself.
+    An export of a transformers fused-expert model (omoe_export.layout "hf-fused") is loaded by the model's own
+    from_pretrained; its experts are replicated on every rank, so ep_size must be 1 and there are no groups to bind.
     Returns the model in eval mode (call .train() to train it)."""
     path = os.path.abspath(path)
     if not is_export(path):
         raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)} is missing or has no omoe_export section: {path} is "
                               "not an omoe-ds export; write one with python -m omoe_ds.export --ckpt CKPT --out DIR")
-    config, config_path = _read_config(path, None, explicit=True)
+    config, config_path, layout = _read_config(path, None, explicit=True)
     export_meta = config.omoe_export
     if export_meta.get("format_version") != EXPORT_FORMAT_VERSION:
         raise CheckpointError(f"{config_path}: export format_version={export_meta.get('format_version')!r}, this "
                               f"omoe-ds reads version {EXPORT_FORMAT_VERSION}")
+    if export_meta.get("layout", EP1) != layout:
+        raise CheckpointError(f"{config_path}: omoe_export.layout is {export_meta.get('layout')!r}, but the config "
+                              f"describes a {layout!r} model; the export's config.json was edited or mixed up")
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise CheckpointError(f"ep_size={ep_size!r}: use an integer >= 1")
+    if layout == HF_FUSED:
+        return _load_fused(path, config, config_path, ep_size, head)
     conversion = _conversion_config(config.omoe_moe, config_path)
     if conversion.num_experts % ep_size:
         raise CheckpointError(f"ep_size={ep_size} does not divide the {conversion.num_experts} experts per layer of "
                               f"{config_path}; choose an expert-parallel size that divides {conversion.num_experts}")
-    architectures = getattr(config, "architectures", None) or []
-    if not architectures:
-        raise CheckpointError(f"{config_path} names no architectures; the export is incomplete")
-    cls = _model_class(architectures[0], config, config_path)
-    if head is not None:
-        wanted = _head_class(head, config, config_path)
-        if wanted is not cls:
-            raise CheckpointError(f"architecture mismatch: {config_path} holds a {cls.__name__} (model_type "
-                                  f"{config.model_type}), but head={head!r} asks for {wanted.__name__}; load it with "
-                                  f"head=None (or {cls.__name__})")
+    cls = _exported_class(config, config_path, head)
 
     ep_rank = 0
     from ..core import collectives, environment
@@ -710,6 +832,47 @@ def load_exported(path: str, ep_size: int = 1, head=None, bind_groups: bool = Tr
     return model.eval()
 
 
+def _exported_class(config, config_path: str, head) -> type:
+    """The class an export's config names; a head other than it is refused."""
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        raise CheckpointError(f"{config_path} names no architectures; the export is incomplete")
+    cls = _model_class(architectures[0], config, config_path)
+    if head is not None:
+        wanted = _head_class(head, config, config_path)
+        if wanted is not cls:
+            raise CheckpointError(f"architecture mismatch: {config_path} holds a {cls.__name__} (model_type "
+                                  f"{config.model_type}), but head={head!r} asks for {wanted.__name__}; load it with "
+                                  f"head=None (or {cls.__name__})")
+    return cls
+
+
+def _load_fused(path: str, config, config_path: str, ep_size: int, head) -> nn.Module:
+    if ep_size != 1:
+        raise CheckpointError(f"ep_size={ep_size}: {path} holds transformers' fused experts, which omoe-ds keeps "
+                              "replicated on every rank (EP = 1; DeepSpeed reduces their gradients like a dense "
+                              "parameter's), so they cannot be split by expert; load it with ep_size=1 on any number "
+                              "of ranks")
+    cls = _exported_class(config, config_path, head)
+    _export_weights(path)  # present and readable
+    try:
+        model, info = cls.from_pretrained(path, dtype="auto", output_loading_info=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be loaded as a {cls.__name__} ({type(exc).__name__}: {exc}); the "
+                              "export is corrupt or incomplete") from exc
+    problems = [f"{what.replace('_', ' ')} {sorted(map(str, keys))[:3]}" for what, keys in info.items() if keys]
+    if problems:
+        raise CheckpointError(f"architecture mismatch: the tensors of {path} do not fit {cls.__name__} built from "
+                              f"{config_path}: {'; '.join(problems)}; the export is incomplete or was written for "
+                              "another model")
+    experts = [m for m in model.modules() if is_fused_experts(m)]
+    recorded = config.omoe_export.get("num_experts_per_layer")
+    if recorded is not None and [m.gate_up_proj.shape[0] for m in experts] != recorded:
+        raise CheckpointError(f"expert count mismatch: {config_path} records experts per layer {recorded}, the model "
+                              f"built from it has {[m.gate_up_proj.shape[0] for m in experts]}")
+    return model.eval()
+
+
 def is_export(path: str) -> bool:
     """Whether `path` is a directory written by export_checkpoint (a config.json with omoe_export)."""
     try:
@@ -743,8 +906,10 @@ def main(argv=None) -> int:
     with open(os.path.join(out, CONFIG_FILE)) as f:
         config = json.load(f)
     meta = config["omoe_export"]
+    experts = "/".join(str(n) for n in sorted(set(meta["num_experts_per_layer"])))
     print(f"exported {meta['source_checkpoint']} (step {meta['global_steps']}) to {out}: {config['architectures'][0]}, "
-          f"{meta['num_moe_layers']} MoE layers x {config['omoe_moe']['num_experts']} experts, top-{meta['top_k']}")
+          f"{meta['num_moe_layers']} MoE layers x {experts} experts, top-{meta['top_k']}"
+          + (" (transformers' fused experts)" if meta.get("layout") == HF_FUSED else ""))
     return 0
 
 
