@@ -57,6 +57,8 @@ HF_CONFIGS = {
 IMPLEMENTATION = {"mixtral": "grouped_mm", "qwen2_moe": "eager", "qwen3_moe": "batched_mm", "olmoe": "grouped_mm",
                   "deepseek_v3": "grouped_mm"}
 CASES = ["native_ffn", "native_swiglu", *HF_CONFIGS]
+# Both projector forms on both kinds of layout; "auto" stays factored over these 4 O steps.
+STORAGE = {"native_ffn": "dense", "mixtral": "dense"}
 
 
 class NativeNet(nn.Module):
@@ -119,7 +121,8 @@ def build(case: str):
               "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": ZERO_STAGE[case]},
               # α well below |h|² (tiny HF weights make small hidden activations), so both projectors move
-              "omoe": {"skip_step": 5, "alpha0": 0.5 if case.startswith("native_") else 0.1}}
+              "omoe": {"skip_step": 5, "alpha0": 0.5 if case.startswith("native_") else 0.1,
+                       "projector_storage": STORAGE.get(case, "auto")}}
     engine, *_ = omoe_ds.initialize(model=model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                                     config=config)
     return engine
@@ -314,7 +317,8 @@ def run_case(case: str, out: str, two_rank_out=None) -> None:
     bit_exact = all(torch.equal(a, b) for part in ("params", "dense", "projectors")
                     for a, b in zip(final[part].values(), again[part].values())) and \
         all(torch.equal(a, b) for wa, wb in zip(final["windows"], again["windows"]) for a, b in zip(wa, wb))
-    report = {"layouts": layouts, "diversity": diversity, "window": checks["window"], "o_step_gradient": checks["o_step_gradient"],
+    report = {"layouts": layouts, "diversity": diversity,
+              "storage": sorted({s["form"] for s in engine.omoe.storage_report()}), "window": checks["window"], "o_step_gradient": checks["o_step_gradient"],
               "o_step_moved": checks["o_step_moved"], "o_steps_done": final["o_steps_done"],
               "projector_streams": sorted({k.rsplit(".", 1)[1] for k in final["projectors"]}),
               "x_projectors_per_layer": [len(P) for P in engine.omoe.P],

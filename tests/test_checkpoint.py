@@ -82,7 +82,8 @@ def test_resume_is_not_trivially_equal(runs):
     """The comparison can fail: the state at k differs from the state at the end."""
     full = torch.load(runs / "full_after_o.rank0.pt", weights_only=False)
     saved = torch.load(runs / "ckpt_after_o" / "global_step6" / "omoe_proj_layer0_e0.pt")
-    assert not torch.equal(saved["x"], full["projectors"]["layer0.expert0.x"])
+    U = saved["x"]["factors"]  # factored storage: P = I − UUᵀ
+    assert (torch.eye(len(U)) - U @ U.T - full["projectors"]["layer0.expert0.x"]).abs().max() > 1e-3
 
 
 @pytest.mark.distributed
@@ -284,10 +285,11 @@ def test_checkpoints_that_do_not_fit_are_refused_untouched(saved, single_process
     assert fingerprint(ckpt) == before
 
 
-def test_projectors_saved_with_per_matrix_keys_still_load(saved, single_process_group, tmp_path):
-    """Checkpoints written before projectors were keyed by input stream name them w1 (x) and w2 (h)."""
-    ckpt = copy_of(saved, tmp_path)
-    tag_dir = ckpt / "global_step4"
+def test_projectors_saved_with_per_matrix_keys_still_load(single_process_group, tmp_path):
+    """Checkpoints written before projectors were keyed by input stream held dense P per expert file, named
+    w1 (x) and w2 (h), and dense S in the meta."""
+    save_checkpoint(build_engine(projector_storage="dense"), str(tmp_path / "old"))
+    tag_dir = tmp_path / "old" / "global_step4"
     marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
     for path in tag_dir.glob("omoe_proj_layer*_e*.pt"):
         P = torch.load(path)
@@ -295,8 +297,28 @@ def test_projectors_saved_with_per_matrix_keys_still_load(saved, single_process_
         marker["files"][path.name] = path.stat().st_size
     (tag_dir / COMPLETE_MARKER).write_text(json.dumps(marker))
     engine = build_engine(seed=5)
-    load_checkpoint(engine, str(ckpt))
-    assert differences(engine.omoe.projectors_by_global_id(), build_engine().omoe.projectors_by_global_id()) == []
+    load_checkpoint(engine, str(tmp_path / "old"))
+    assert {s["form"] for s in engine.omoe.storage_report()} == {"dense"}  # "auto" keeps the saved dense form
+    assert differences(engine.omoe.projectors_by_global_id(),
+                       build_engine(projector_storage="dense").omoe.projectors_by_global_id()) == []
+
+
+# One fp32 P̄ entry formed either way: M·t ≤ 8 rank-1 terms of |u|² ≤ 1 each, a few ulps apart.
+FORM_TOL = 1e-6
+
+
+@pytest.mark.parametrize("saved_as,loaded_as", [("factored", "dense"), ("dense", "factored"), ("factored", "auto")])
+def test_checkpoints_of_either_projector_form_load_into_either(single_process_group, tmp_path, saved_as, loaded_as):
+    source = build_engine(projector_storage=saved_as)
+    save_checkpoint(source, str(tmp_path / "ckpt"))
+    engine = build_engine(seed=5, projector_storage=loaded_as)
+    load_checkpoint(engine, str(tmp_path / "ckpt"))
+    forms = {s["form"] for s in engine.omoe.storage_report()}
+    assert forms == {"factored" if loaded_as == "auto" else loaded_as}
+    want, got = source.omoe.projectors_by_global_id(), engine.omoe.projectors_by_global_id()
+    assert max((want[k] - got[k]).abs().max().item() for k in want) <= FORM_TOL
+    assert max((a - b).abs().max().item() for a, b in zip(sum(source.omoe.S, []), sum(engine.omoe.S, []))) <= FORM_TOL
+    assert any((P - torch.eye(len(P))).abs().max() > 1e-3 for P in want.values())  # the projectors really moved
 
 
 def test_latest_complete_tag_skips_a_save_that_died(saved, single_process_group, tmp_path):

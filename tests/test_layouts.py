@@ -14,7 +14,7 @@ from omoe_ds.core.environment import free_local_port
 pytestmark = [pytest.mark.distributed, pytest.mark.layouts]
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from layouts_worker import CASES, RESHARDED  # noqa: E402
+from layouts_worker import CASES, RESHARDED, STORAGE  # noqa: E402
 
 # 21 steps of O(1) fp32 parameters on 1 rank vs 2 (other GEMM shapes, another reduction order): a few ulps per
 # step, measured below 1e-6; a wrong exchange, window or projection moves them by ≫ 1e-4.
@@ -73,6 +73,7 @@ def test_layout_is_found_and_ran_omoe(runs, case):
             assert report["layouts"] == [{"native_ffn": "deepspeed-ffn", "native_swiglu": "deepspeed-swiglu"}.get(
                 case, "hf-fused")]
             assert report["o_steps_done"] == 4  # steps 5, 10, 15, 20
+            assert report["storage"] == [STORAGE.get(case, "factored")]
             assert report["projector_streams"] == ["h", "x"]  # one projector per stream: gate and up share x's
             assert set(report["x_projectors_per_layer"]) == {2}  # P[L] holds one stack per stream, x and h
 

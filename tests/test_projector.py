@@ -120,3 +120,56 @@ def test_augmented_mean_appends_one_only_with_bias():
     s = torch.tensor([2.0, 4.0], dtype=torch.float64)
     assert torch.equal(pj.augmented_mean(s, 2, True), torch.tensor([1.0, 2.0, 1.0]))
     assert torch.equal(pj.augmented_mean(s, 2, False), torch.tensor([1.0, 2.0]))
+
+
+def test_factored_and_dense_projectors_agree_with_fp64_over_200_o_steps():
+    """4 experts (2 of them local, global ids 2, 3), n = 25 with a bias coordinate, α decaying with λ = 0.5,
+    200 O steps of exchanged factors. Both forms apply the same fp32 factors; the reference runs the RLS
+    recursion in fp64. A P̄·v entry is an n-term fp32 dot product of v with entries |P̄| ≤ 1 (a mean of
+    contractions): its rounding is at most n·2⁻²⁴·Σ|v|, whatever form produced P̄."""
+    from omoe_ds.core.projector_state import StreamProjectors
+    n, M, E, first, T = 25, 4, 2, 2, 200
+    stores = {form: StreamProjectors(n, M, E, first, M - 1, storage=form) for form in ("factored", "dense")}
+    ref = [torch.eye(n, dtype=torch.float64) for _ in range(M)]
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(n, generator=g)
+    bound = n * U32 * v.abs().sum().item()
+    for t in range(1, T + 1):
+        alpha = pj.alpha_at(t, 1.0, 0.5, T)
+        xs = 2 * torch.randn(M, n, generator=g) / n ** 0.5
+        xs[:, -1] = 1.0
+        U = torch.stack([pj.rls_factor(ref[j].float(), xs[j], alpha) for j in range(M)])
+        for j in range(M):
+            k = ref[j] @ xs[j].double()
+            u = k / (alpha + xs[j].double() @ k).sqrt()
+            ref[j] -= torch.outer(u, u)
+        for store in stores.values():
+            store.apply_factors_(U)
+        if t in (1, 10, 50, 200):
+            S = sum(ref)
+            for l in range(E):
+                want = v.double() @ ((S - ref[first + l]) / (M - 1))
+                got = {form: s.weight_product(v[None], l, n)[0] for form, s in stores.items()}
+                for form in stores:
+                    assert (got[form].double() - want).abs().max() <= bound, (t, form)
+                assert (got["factored"] - got["dense"]).abs().max() <= 1e-6 * v.abs().max(), t
+    assert stores["factored"].form == "factored" and stores["factored"].V.shape == (n, M, T)
+
+
+def test_auto_storage_turns_dense_when_factors_outgrow_the_dense_form():
+    """n·M·t bytes of factors against (E_local + 1)·n² dense: with n = 8, M = 4, E_local = 4 the switch
+    comes after t = 10 O steps (4·10·8 ≤ 5·64 < 4·11·8); P̄ keeps its value across it (fp32 rounding of
+    8-term sums of entries ≤ 1: within 8·2⁻²⁴·Σ|G| per entry)."""
+    from omoe_ds.core.projector_state import StreamProjectors
+    auto, factored = (StreamProjectors(8, 4, 4, 0, 3, storage=s) for s in ("auto", "factored"))
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(3, 8, generator=g)
+    for t in range(1, 13):
+        U = 0.3 * torch.randn(4, 8, generator=g)
+        auto.apply_factors_(U)
+        factored.apply_factors_(U)
+        assert auto.form == ("factored" if t <= 10 else "dense"), t
+    bound = 8 * U32 * G.abs().sum(1, keepdim=True)
+    for l in range(4):
+        assert ((auto.weight_product(G, l, 8) - factored.weight_product(G, l, 8)).abs() <= bound).all()
+    assert auto.nbytes() == auto.dense_nbytes() < factored.nbytes()

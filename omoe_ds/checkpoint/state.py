@@ -73,8 +73,7 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_sta
         for L, layer in enumerate(layers):
             if rank // layer.ep_size == 0:  # the first replica of these experts writes their projectors
                 for l in range(layer.num_local_experts):
-                    # clone: a view would save the whole [E_local, n, n] stack
-                    torch.save({STREAMS[st]: omoe.P[L][st][l].clone() for st in range(len(STREAMS))},
+                    torch.save({STREAMS[st]: _projector_payload(store, l) for st, store in enumerate(omoe.projectors[L])},
                                os.path.join(tag_dir, projector_file(L, omoe.global_expert_id(L, l))))
     torch.save(rank_state, os.path.join(tag_dir, rank_file(rank)))
     if rank == 0:
@@ -130,6 +129,22 @@ class _GroupView:
 _LEGACY_PROJECTOR_KEYS = {"x": "w1", "h": "w2"}
 
 
+def _projector_payload(store, local: int):
+    """What an expert's projector file holds per stream: P (dense) or {"factors": U [n, t]} (factored)."""
+    if store.form == "dense":
+        return store.P[local].clone()  # clone: a view would save the whole [E_local, n, n] stack
+    return {"factors": store.V[:, store.first_global + local].clone()}
+
+
+def _sum_payload(store):
+    """What the meta holds per layer and stream: S (dense) or every expert's factors {"factors": V [n, M, t]}."""
+    return store.S.clone() if store.form == "dense" else {"factors": store.V.clone()}
+
+
+def _stream_of(saved: dict, stream: str) -> torch.Tensor:
+    return saved[stream] if stream in saved else saved[_LEGACY_PROJECTOR_KEYS[stream]]
+
+
 def _matrix_shapes(layer) -> list:
     """[out, in] of each expert matrix in the layout's order (FFN: w1, w2, as checkpoints always recorded)."""
     return [list(weight.shape) for weight, _ in layer.matrices(0).values()]
@@ -152,7 +167,7 @@ def _meta(engine, layers: List[ExpertLayer], names: Dict[int, str]) -> dict:
         meta["omoe"] = {"config": dataclasses.asdict(omoe.config), "o_steps_done": omoe.o_steps_done,
                         "prepared_step": omoe.prepared_step,
                         "deferred_o_step": getattr(omoe, "deferred_o_step", None),  # an O step fp16 overflow skipped
-                        "S": [[S.clone() for S in per_w] for per_w in omoe.S]}
+                        "S": [[_sum_payload(store) for store in per_layer] for per_layer in omoe.projectors]}
     return meta
 
 
@@ -317,13 +332,24 @@ def _load_omoe_state(omoe, tag_dir: str, meta: dict, rank_state: dict) -> None:
     omoe.prepared_step = saved["prepared_step"]
     omoe.deferred_o_step = saved.get("deferred_o_step")  # absent in checkpoints written before it existed
     for L, layer in enumerate(omoe.layers):
-        for w in range(2):
-            omoe.S[L][w].copy_(saved["S"][L][w])
-        for l in range(layer.num_local_experts):
-            g = omoe.global_expert_id(L, l)
-            P = torch.load(os.path.join(tag_dir, projector_file(L, g)), weights_only=True)
-            for st, stream in enumerate(STREAMS):
-                omoe.P[L][st][l].copy_(P[stream] if stream in P else P[_LEGACY_PROJECTOR_KEYS[stream]])
+        files = {}
+
+        def expert_file_of(g):  # read once, only what this form needs
+            if g not in files:
+                files[g] = torch.load(os.path.join(tag_dir, projector_file(L, g)), weights_only=True)
+            return files[g]
+
+        for st, (stream, store) in enumerate(zip(STREAMS, omoe.projectors[L])):
+            saved_sum = saved["S"][L][st]
+            if isinstance(saved_sum, dict):  # factored: every expert's factors
+                store.load_factored_(saved_sum["factors"])
+                continue
+            local = torch.stack([_stream_of(expert_file_of(omoe.global_expert_id(L, l)), stream)
+                                 for l in range(layer.num_local_experts)])
+            every = None
+            if store.storage == "factored":
+                every = torch.stack([_stream_of(expert_file_of(g), stream) for g in range(layer.num_experts)])
+            store.load_dense_(local, saved_sum, every)
         where = f"{os.path.join(tag_dir, rank_file(collectives.rank()))}, window of MoE layer {L}"
         sums, counts = window_partials(rank_state["windows"][L], layer.num_experts, where)
         for w in range(2):

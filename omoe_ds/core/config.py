@@ -25,6 +25,7 @@ class OMoEConfig:
     lam: float = 1.0            # λ ∈ (0, 1]; 1 keeps α constant
     total_steps: Optional[int] = None  # n; taken from the scheduler's total_num_steps when absent
     loo_divisor: str = "M-1"    # "M" reproduces the 1/M printed in eq. 12
+    projector_storage: str = "auto"  # "factored" (P = I − UUᵀ), "dense", or the cheaper one per layer and stream
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -44,6 +45,10 @@ class OMoEConfig:
         if self.loo_divisor not in ("M-1", "M"):
             raise OMoEConfigError(f"omoe.loo_divisor={self.loo_divisor!r} is invalid: use \"M-1\" (leave-one-out "
                                   "average, default) or \"M\" (the 1/M printed in the paper's eq. 12)")
+
+        if self.projector_storage not in ("auto", "factored", "dense"):
+            raise OMoEConfigError(f"omoe.projector_storage={self.projector_storage!r} is invalid: use \"auto\" (factored "
+                                  "while that holds fewer bytes, then dense), \"factored\" or \"dense\"")
 
     def is_o_step(self, step: int) -> bool:
         return self.enabled and step > 0 and step % self.skip_step == 0

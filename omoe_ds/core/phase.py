@@ -26,6 +26,7 @@ import torch
 from ..experts.base import STREAMS, ExpertLayer, RecordContext, expert_key
 from . import collectives, optimizer_groups, projector
 from .config import OMoEConfig, OMoEConfigError
+from .projector_state import StreamProjectors
 from .windows import InputWindow, flatten_windows, unflatten_windows_
 
 
@@ -48,14 +49,14 @@ class OMoE:
         self.exchange_seconds = 0.0      # time of the last O-step projector update + exchange
         self.ep_ranks = [collectives.ep_rank(layer.ep_size) for layer in layers]
         self.windows = [InputWindow(layer.num_experts, [s.d_in for s in layer.streams], layer.device) for layer in layers]
-        # Per input stream s (0 = x, 1 = h): P[L][s] [E_local, n, n] this rank's experts' projectors,
-        # S[L][s] = Σ_j P_j over all experts of the layer; P starts at I, so S at M·I.
-        self.P: List[List[torch.Tensor]] = [
-            [projector.identity_projector(s.n, layer.device).expand(layer.num_local_experts, s.n, s.n).clone()
-             for s in layer.streams] for layer in layers]
-        self.S: List[List[torch.Tensor]] = [
-            [layer.num_experts * projector.identity_projector(s.n, layer.device) for s in layer.streams]
-            for layer in layers]
+        # Per layer and input stream s (0 = x, 1 = h): this rank's experts' projectors and S = Σ_j P_j over
+        # all experts, dense or factored (core/projector_state.py).
+        self.projectors: List[List[StreamProjectors]] = [
+            [StreamProjectors(stream.n, layer.num_experts, layer.num_local_experts,
+                              self.ep_ranks[L] * layer.num_local_experts,
+                              projector.loo_divisor_value(config.loo_divisor, layer.num_experts), layer.device,
+                              config.projector_storage) for stream in layer.streams]
+            for L, layer in enumerate(layers)]
         self._attention_mask: Optional[torch.Tensor] = None
         self._mask_position = _positional_index(engine.module, "attention_mask")
         self._hooks = []
@@ -160,29 +161,17 @@ class OMoE:
                 count = float(window.counts[s][g])
                 if count > 0:
                     x_mean = projector.augmented_mean(window.sums[s][g], count, stream.has_bias)
-                    parts.append(projector.rls_factor(self.P[L][s][l], x_mean, alpha))
+                    parts.append(projector.rls_factor_from(self.projectors[L][s].times(l, x_mean), x_mean, alpha))
                 else:  # an expert that saw no token in the window gets no update
                     parts.append(torch.zeros(stream.n, dtype=projector.PROJECTOR_DTYPE, device=layer.device))
             rows.append(torch.cat(parts))
         return torch.stack(rows)
 
     def _apply_factors(self, L: int, all_factors: torch.Tensor, offset: int) -> int:
-        layer = self.layers[L]
-        first_global = self.ep_ranks[L] * layer.num_local_experts
-        for s, stream in enumerate(layer.streams):
-            U = all_factors[:, offset:offset + stream.n]
-            projector.apply_factors_(self.S[L][s], U)
-            for l in range(layer.num_local_experts):
-                projector.apply_factors_(self.P[L][s][l], U[first_global + l:first_global + l + 1])
+        for s, stream in enumerate(self.layers[L].streams):
+            self.projectors[L][s].apply_factors_(all_factors[:, offset:offset + stream.n])
             offset += stream.n
         return offset
-
-    def _divisor(self, L: int) -> int:
-        return projector.loo_divisor_value(self.config.loo_divisor, self.layers[L].num_experts)
-
-    def leave_one_out_projector(self, L: int, s: int, l: int) -> torch.Tensor:
-        """P̄ of stream s for local expert l of layer L."""
-        return projector.leave_one_out_mean(self.S[L][s], self.P[L][s][l], self._divisor(L))
 
     def _wrap_optimizer_step(self, optimizer) -> None:
         """In O steps the innermost optimizer steps the expert groups only (see optimizer_groups)."""
@@ -209,6 +198,9 @@ class OMoE:
                 return original(*args, **kwargs)
             finally:
                 self._thaw_dense()
+                for per_layer in self.projectors:
+                    for store in per_layer:
+                        store.release_o_step()
                 if engine.skipped_steps > skipped_before:
                     self.deferred_o_step = self.prepared_step
                 else:
@@ -221,32 +213,46 @@ class OMoE:
     def global_expert_id(self, L: int, l: int) -> int:
         return self.ep_ranks[L] * self.layers[L].num_local_experts + l
 
+    @property
+    def P(self) -> List[List[torch.Tensor]]:
+        """P[L][s] [E_local, n, n], this rank's experts' projectors as dense matrices (formed if factored)."""
+        return [[store.dense_local() for store in per_layer] for per_layer in self.projectors]
+
+    @property
+    def S(self) -> List[List[torch.Tensor]]:
+        """S[L][s] = Σ_j P_j over all experts, dense (formed if factored)."""
+        return [[store.dense_sum() for store in per_layer] for per_layer in self.projectors]
+
     def projectors_by_global_id(self) -> Dict[str, torch.Tensor]:
         """{"layer{L}.expert{g}.{x|h}": P} for the local experts, keyed by global expert id."""
         return {expert_key(L, self.global_expert_id(L, l), STREAMS[s]): P_stack[l]
-                for L in range(len(self.layers)) for s, P_stack in enumerate(self.P[L])
+                for L, per_layer in enumerate(self.P) for s, P_stack in enumerate(per_layer)
                 for l in range(P_stack.shape[0])}
+
+    def storage_report(self) -> List[Dict[str, object]]:
+        """Per layer and stream: the form chosen, O steps stored, bytes held and what dense would hold."""
+        return [{"layer": L, "stream": STREAMS[s], "form": store.form, "o_steps": store.steps, "bytes": store.nbytes(),
+                 "dense_bytes": store.dense_nbytes()}
+                for L, per_layer in enumerate(self.projectors) for s, store in enumerate(per_layer)]
 
 
 class _LayerProjectors:
-    """The ProjectorView of layer L (experts/base.py) over the OMoE state: P̄ = (S − P_m) / divisor."""
+    """The ProjectorView of layer L (experts/base.py) over the OMoE state."""
 
     def __init__(self, omoe: OMoE, L: int):
         self.omoe, self.L = omoe, L
 
-    def leave_one_out(self, s: int, l: int) -> torch.Tensor:
-        return self.omoe.leave_one_out_projector(self.L, s, l)
+    def weight_product(self, s: int, l: int, G: torch.Tensor, d: int) -> torch.Tensor:
+        return self.omoe.projectors[self.L][s].weight_product(G, l, d)
 
-    def leave_one_out_stack(self, s: int) -> torch.Tensor:
-        return (self.omoe.S[self.L][s].unsqueeze(0) - self.omoe.P[self.L][s]) / self.omoe._divisor(self.L)
+    def weight_product_stack(self, s: int, G: torch.Tensor) -> torch.Tensor:
+        return self.omoe.projectors[self.L][s].weight_product_stack(G)
 
     def bias_column(self, s: int, l: int) -> torch.Tensor:
-        S, P = self.omoe.S[self.L][s], self.omoe.P[self.L][s][l]
-        return (S[:-1, -1] - P[:-1, -1]) / self.omoe._divisor(self.L)
+        return self.omoe.projectors[self.L][s].bias_column(l)
 
     def bias_corner(self, s: int, l: int) -> torch.Tensor:
-        S, P = self.omoe.S[self.L][s], self.omoe.P[self.L][s][l]
-        return (S[-1, -1] - P[-1, -1]) / self.omoe._divisor(self.L)
+        return self.omoe.projectors[self.L][s].bias_corner(l)
 
 
 def _positional_index(module, name: str) -> Optional[int]:

@@ -17,13 +17,16 @@ from . import projector
 
 
 class ExpertGradProjector:
-    """Projection hooks on one expert Linear; `pbar()` returns the current P̄_m (fp32, n×n)."""
+    """Projection hooks on one expert Linear. With P̄_m = [[A, c], [cᵀ, e]] (no c, e without a bias):
+    `weight_product(G, d)` returns G·A in fp32 (whatever form the projectors are stored in),
+    `bias_column()` c and `bias_corner()` e."""
 
-    def __init__(self, linear: nn.Linear, pbar: Callable[[], torch.Tensor], pbar_bias_column: Callable[[], torch.Tensor],
-                 pbar_bias_corner: Callable[[], torch.Tensor], is_active: Callable[[], bool], timer: list):
+    def __init__(self, linear: nn.Linear, weight_product: Callable[[torch.Tensor, int], torch.Tensor],
+                 bias_column: Callable[[], torch.Tensor], bias_corner: Callable[[], torch.Tensor],
+                 is_active: Callable[[], bool], timer: list):
         self.linear = linear
         self.has_bias = linear.bias is not None
-        self._pbar, self._pbar_bias_column, self._pbar_bias_corner = pbar, pbar_bias_column, pbar_bias_corner
+        self._weight_product, self._pbar_bias_column, self._pbar_bias_corner = weight_product, bias_column, bias_corner
         self._is_active = is_active
         self._timer = timer  # [seconds] shared with the owner
         self._bias_grad_sum: Optional[torch.Tensor] = None     # Σδ, for the weight hook
@@ -55,10 +58,10 @@ class ExpertGradProjector:
         if not self._is_active():
             return None
         start = time.perf_counter()
-        bias_grad_sum = None
-        if self.has_bias:
-            bias_grad_sum = self._take("_bias_grad_sum")
-        out = projector.project_weight_grad(grad_w, bias_grad_sum, self._pbar())
+        out = self._weight_product(grad_w.to(projector.PROJECTOR_DTYPE), grad_w.shape[1])
+        if self.has_bias:  # + g_b cᵀ: the bias column moves with the weight
+            out.addr_(self._take("_bias_grad_sum").to(projector.PROJECTOR_DTYPE), self._pbar_bias_column())
+        out = out.to(grad_w.dtype)
         self._timer[0] += time.perf_counter() - start
         return out
 
@@ -85,11 +88,11 @@ def _accumulate(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tens
 
 class FusedGradProjector:
     """The projection hook of a fused expert parameter W [E_local, out, in] (no bias): G ← G·P̄, one
-    batched product over the expert axis with P̄ [E_local, in, in] from `pbar_stack()`."""
+    batched product over the expert axis, `stack_product(G)` in fp32."""
 
-    def __init__(self, param: torch.nn.Parameter, pbar_stack: Callable[[], torch.Tensor], is_active: Callable[[], bool],
-                 timer: list):
-        self._pbar_stack, self._is_active, self._timer = pbar_stack, is_active, timer
+    def __init__(self, param: torch.nn.Parameter, stack_product: Callable[[torch.Tensor], torch.Tensor],
+                 is_active: Callable[[], bool], timer: list):
+        self._stack_product, self._is_active, self._timer = stack_product, is_active, timer
         self._handles = [param.register_hook(self._project)]
 
     def remove_hooks(self) -> None:
@@ -100,6 +103,6 @@ class FusedGradProjector:
         if not self._is_active():
             return None
         start = time.perf_counter()
-        out = torch.bmm(grad.to(projector.PROJECTOR_DTYPE), self._pbar_stack()).to(grad.dtype)
+        out = self._stack_product(grad.to(projector.PROJECTOR_DTYPE)).to(grad.dtype)
         self._timer[0] += time.perf_counter() - start
         return out

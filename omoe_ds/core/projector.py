@@ -40,12 +40,16 @@ def rls_factor(P_nn: torch.Tensor, x_n: torch.Tensor, alpha: float) -> torch.Ten
     k = P x, c = α + xᵀ k, u = k / sqrt(c). Returning u instead of the new P is what lets ranks
     exchange O(n) floats per expert instead of the dense n×n projector.
     """
-    k = P_nn @ x_n
-    c = alpha + torch.dot(x_n, k)
+    return rls_factor_from(P_nn @ x_n, x_n, alpha)
+
+
+def rls_factor_from(k_n: torch.Tensor, x_n: torch.Tensor, alpha: float) -> torch.Tensor:
+    """u from k = P x however P x was formed (dense product, or x − U(Uᵀx) when P is factored)."""
+    c = alpha + torch.dot(x_n, k_n)
     if not c > 0:
         raise FloatingPointError(f"RLS denominator α + xᵀPx = {float(c)} is not positive (α={alpha}); "
                                  "P has lost positive semi-definiteness")
-    return k / torch.sqrt(c)
+    return k_n / torch.sqrt(c)
 
 
 def apply_factors_(P_nn: torch.Tensor, U_mn: torch.Tensor) -> torch.Tensor:

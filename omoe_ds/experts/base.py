@@ -39,13 +39,13 @@ class Stream:
 
 
 class ProjectorView(Protocol):
-    """The leave-one-out projectors P̄ of one layer, as the core keeps them; an adapter's projection
-    hooks read them at backward time (they change at every O step)."""
+    """Products with the leave-one-out projectors P̄ = [[A, c], [cᵀ, e]] of one layer, in whatever form
+    the core stores them (dense or factored); an adapter's projection hooks call them at backward time."""
 
-    def leave_one_out(self, stream: int, local: int) -> torch.Tensor: ...  # [n, n]
-    def leave_one_out_stack(self, stream: int) -> torch.Tensor: ...       # [E_local, n, n]
-    def bias_column(self, stream: int, local: int) -> torch.Tensor: ...   # P̄[:-1, -1]
-    def bias_corner(self, stream: int, local: int) -> torch.Tensor: ...   # P̄[-1, -1]
+    def weight_product(self, stream: int, local: int, G: torch.Tensor, d: int) -> torch.Tensor: ...  # G·A
+    def weight_product_stack(self, stream: int, G: torch.Tensor) -> torch.Tensor: ...  # [E_local, r, n]·P̄
+    def bias_column(self, stream: int, local: int) -> torch.Tensor: ...   # c = P̄[:-1, -1]
+    def bias_corner(self, stream: int, local: int) -> torch.Tensor: ...   # e = P̄[-1, -1]
 
 
 class WindowSink(Protocol):

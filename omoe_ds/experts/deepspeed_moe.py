@@ -86,7 +86,7 @@ class DeepSpeedMoELayer(ExpertLayer):
         for local, per_expert in enumerate(self.linears):
             for linear, stream in zip(per_expert, self.matrix_streams):
                 hooks.append(ExpertGradProjector(
-                    linear, lambda s=stream, l=local: view.leave_one_out(s, l),
+                    linear, lambda G, d, s=stream, l=local: view.weight_product(s, l, G, d),
                     lambda s=stream, l=local: view.bias_column(s, l), lambda s=stream, l=local: view.bias_corner(s, l),
                     is_active, timer))
         return hooks

@@ -69,8 +69,8 @@ class HFFusedExpertsLayer(ExpertLayer):
         return F.linear(h, self.module.down_proj[local])
 
     def attach_projection(self, view: ProjectorView, is_active, timer: list) -> list:
-        return [FusedGradProjector(self.module.gate_up_proj, lambda: view.leave_one_out_stack(X), is_active, timer),
-                FusedGradProjector(self.module.down_proj, lambda: view.leave_one_out_stack(H), is_active, timer)]
+        return [FusedGradProjector(self.module.gate_up_proj, lambda G: view.weight_product_stack(X, G), is_active, timer),
+                FusedGradProjector(self.module.down_proj, lambda G: view.weight_product_stack(H, G), is_active, timer)]
 
     def attach_recorder(self, context: RecordContext) -> list:
         return [_FusedRecorder(self, context)]
