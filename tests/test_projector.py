@@ -173,3 +173,13 @@ def test_auto_storage_turns_dense_when_factors_outgrow_the_dense_form():
     for l in range(4):
         assert ((auto.weight_product(G, l, 8) - factored.weight_product(G, l, 8)).abs() <= bound).all()
     assert auto.nbytes() == auto.dense_nbytes() < factored.nbytes()
+
+
+@pytest.mark.parametrize("storage", ["auto", "factored", "dense"])
+def test_memory_estimate_is_the_bytes_the_store_holds(storage):
+    from omoe_ds.core.projector_state import StreamProjectors, estimate_bytes
+    store = StreamProjectors(6, 4, 2, 2, 3, storage=storage)
+    g = torch.Generator().manual_seed(3)
+    for t in range(1, 9):
+        store.apply_factors_(0.2 * torch.randn(4, 6, generator=g))
+        assert store.nbytes() == estimate_bytes(6, 4, 2, t, storage), t

@@ -177,3 +177,18 @@ def factors_of(P: torch.Tensor) -> torch.Tensor:
     eigenvalues, vectors = torch.linalg.eigh(torch.eye(P.shape[0], dtype=torch.float64) - P.double())
     keep = eigenvalues > eigenvalues.max().clamp(min=0) * P.shape[0] * torch.finfo(PROJECTOR_DTYPE).eps
     return (vectors[:, keep] * eigenvalues[keep].sqrt()).to(PROJECTOR_DTYPE)
+
+
+def estimate_bytes(n: int, num_experts: int, num_local: int, o_steps: int, storage: str = "auto") -> int:
+    """Projector bytes one rank holds for one (layer, stream) after `o_steps` O steps: the factors of every
+    expert (n·M·t fp32) while factored, (E_local + 1)·n² fp32 once dense; "auto" holds the smaller."""
+    item = torch.finfo(PROJECTOR_DTYPE).bits // 8
+    factored, dense = n * num_experts * o_steps * item, (num_local + 1) * n * n * item
+    return {"factored": factored, "dense": dense, "auto": factored if factored <= dense else dense}[storage]
+
+
+def estimate_model_bytes(streams_n, num_layers: int, num_experts: int, ep_size: int, o_steps: int,
+                         storage: str = "auto") -> int:
+    """Per rank, for `num_layers` MoE layers whose streams have sizes `streams_n` (e.g. (d + 1, ff + 1))."""
+    return num_layers * sum(estimate_bytes(n, num_experts, num_experts // ep_size, o_steps, storage)
+                            for n in streams_n)
