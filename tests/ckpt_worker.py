@@ -21,6 +21,7 @@ import torch
 import omoe_ds
 from dist_worker import GLOBAL_BATCH, SPEC, X, Y, build, ds_config, save
 from omoe_ds.checkpoint.layout import CheckpointError
+from omoe_ds.core import collectives
 from omoe_ds.checkpoint.state import load_checkpoint, save_checkpoint
 from omoe_ds.finetune.small_job import micro_batches
 from omoe_ds.finetune.small_moe import SmallMoEClassifier
@@ -175,3 +176,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     deepspeed.init_distributed()
     SUITES[args.suite](args.out)
+    collectives.shutdown()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from deepspeed.moe.utils import is_moe_param
 
 import omoe_ds
+from omoe_ds.core import collectives
 from omoe_ds.core.optimizer_groups import innermost_optimizer
 from omoe_ds.finetune.small_job import micro_batches, model_dtype, train
 from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
@@ -468,3 +469,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     deepspeed.init_distributed()
     SUITES[args.suite](args.out)
+    collectives.shutdown()

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import omoe_ds
-from omoe_ds.core import environment
+from omoe_ds.core import collectives, environment
 from omoe_ds.finetune.convert import MoEConversionConfig, convert_to_moe
 
 EVAL_TEXTS = ["the goal of the match", "rain and sun today", "the bank gave a loan", "cash", "a team of clouds",
@@ -190,3 +190,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     environment.init_distributed()
     SUITES[args.suite](args)
+    collectives.shutdown()

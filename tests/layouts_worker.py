@@ -23,7 +23,7 @@ import transformers
 from torch import nn
 
 import omoe_ds
-from omoe_ds.core import environment, projector
+from omoe_ds.core import collectives, environment, projector
 from omoe_ds.experts import expert_parameters_by_global_id
 from omoe_ds.experts.base import STREAMS, X, H
 from omoe_ds.experts.deepspeed_moe import DeepSpeedMoELayer
@@ -343,6 +343,7 @@ def main():
     environment.init_distributed()
     for case in args.cases.split(","):
         run_case(case, args.out, args.two_rank_out)
+    collectives.shutdown()
 
 
 if __name__ == "__main__":

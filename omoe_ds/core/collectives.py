@@ -89,6 +89,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group together, at the end of a job. A rank that exits while a peer still holds
+    its gloo pairs can be aborted in teardown ("terminate called without an active exception", seen once in
+    CI): the barrier lets every rank finish its last collective first, and the explicit destroy tears the
+    group down in the main thread instead of at interpreter exit."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def gather_objects(obj) -> list:
     """Every rank's picklable object, in rank order (evaluation outputs of sharded eval sets)."""
     if world_size() == 1:

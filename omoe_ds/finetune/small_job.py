@@ -216,6 +216,7 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump({"spec": spec.__dict__, "ep_size": args.ep_size, "world_size": world, "runs": results}, f,
                           indent=2)
+    collectives.shutdown()
 
 
 if __name__ == "__main__":

@@ -383,6 +383,7 @@ def main(argv=None):
         summary = {s: final[s].get(spec.primary_metric) for s in final}
         print(f"[omoe_ds.train] {args.task} {args.optimizer}: {spec.primary_metric} {summary}, "
               f"{train_seconds:.0f}s -> {args.output_dir}/results.json")
+    collectives.shutdown()
 
 
 if __name__ == "__main__":
