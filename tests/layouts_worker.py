@@ -10,6 +10,9 @@ same global batches for 21 steps (O steps at 5, 10, 15, 20), fp32, SGD with mome
 - at step 5, the O-step gradient of every expert matrix against G̃·P̄ from all-gathered projectors;
 - a checkpoint at step 12, resumed by a fresh engine: its step-21 state must equal the run's bit for bit;
 - at world 1, Mixtral's 2-rank step-12 checkpoint resharded for 1 rank and continued to step 21.
+The run above projects on the token side (omoe.projection_side "token"); a second run of each case, forced
+to the gradient side, trains GRADIENT_STEPS steps (O steps 5 and 10) for the same EP comparison
+(run_gradient.<case>.rank<r>.pt), and the step-5 check projects on both sides.
 """
 import argparse
 import json
@@ -33,6 +36,8 @@ STEPS = 21
 GLOBAL_BATCH = 8
 SEQ = 6
 SAVE_AT = 12
+GRADIENT_STEPS = 11  # the gradient-side run: two O steps
+SIDES = ("token", "gradient")  # the main run's side, the short run's
 CHECKED_STEP = 5  # the first O step
 ZERO_STAGE = {"native_ffn": 0, "native_swiglu": 1, "mixtral": 0, "qwen2_moe": 2, "qwen3_moe": 1, "olmoe": 0,
               "deepseek_v3": 2}
@@ -115,14 +120,14 @@ def run_loss(engine, batch):
     return engine(**batch).loss
 
 
-def build(case: str):
+def build(case: str, side: str = SIDES[0]):
     model = make_model(case)
     config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
               "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": ZERO_STAGE[case]},
               # α well below |h|² (tiny HF weights make small hidden activations), so both projectors move
               "omoe": {"skip_step": 5, "alpha0": 0.5 if case.startswith("native_") else 0.1,
-                       "projector_storage": STORAGE.get(case, "auto")}}
+                       "projector_storage": STORAGE.get(case, "auto"), "projection_side": side}}
     engine, *_ = omoe_ds.initialize(model=model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                                     config=config)
     return engine
@@ -221,7 +226,28 @@ def o_step_gradient_errors(engine, batch):
                                    ignore_index=-100)
         return dict(zip(map(id, plist), torch.autograd.grad(loss, plist)))
 
-    raw, projected = grads("off"), grads("O")
+    raw = grads("off")
+    # Both sides on the same batch; the run's own decisions are restored for the engine's backward that follows.
+    run_side, decided = omoe.projection_side, [view._sides for view in omoe.views]
+    sides = {}
+    for side in SIDES:
+        omoe.projection_side = side
+        for view in omoe.views:
+            view._sides = {}
+        sides[side] = grads("O")
+        assert {view.side(s) for view in omoe.views for s in (X, H)} == {side}, (side, [v._sides for v in omoe.views])
+    omoe.projection_side = run_side
+    for view, kept in zip(omoe.views, decided):
+        view._sides = kept
+    errors, moved = {}, {}
+    for side, projected in sides.items():
+        side_errors, moved = _errors_against_reference(omoe, raw, projected)
+        errors.update({f"{side}:{k}": v for k, v in side_errors.items()})
+    omoe.phase = "O"
+    return errors, moved
+
+
+def _errors_against_reference(omoe, raw, projected):
     errors, moved = {}, {}
     for L, layer in enumerate(omoe.layers):
         P_bar = []
@@ -251,7 +277,6 @@ def o_step_gradient_errors(engine, batch):
                     scale = max(ref.abs().max().item(), 1e-30)
                     errors[f"layer{L}.expert{e}.{name}"] = (projected[id(p)][e] - ref).abs().max().item() / scale
                     moved[f"layer{L}.expert{e}.{name}"] = (projected[id(p)][e] - raw[id(p)][e]).abs().max().item() / scale
-    omoe.phase = "O"
     return errors, moved
 
 
@@ -323,6 +348,11 @@ def run_case(case: str, out: str, two_rank_out=None) -> None:
               "projector_streams": sorted({k.rsplit(".", 1)[1] for k in final["projectors"]}),
               "x_projectors_per_layer": [len(P) for P in engine.omoe.P],
               "resume_bit_exact": bit_exact, "resume_keys_equal": final["params"].keys() == again["params"].keys()}
+    report["sides"] = sorted({r["side"] for r in engine.omoe.side_report()})
+    gradient_side = build(case, SIDES[1])
+    train(gradient_side, batches, 0, GRADIENT_STEPS)
+    report["gradient_run_sides"] = sorted({r["side"] for r in gradient_side.omoe.side_report()})
+    torch.save(state(gradient_side), os.path.join(out, f"run_gradient.{case}.rank{rank}.pt"))
     if two_rank_out and case == RESHARDED:
         report["resharded_from_2_ranks_max_diff"] = resharded_continuation(case, final, batches, out, two_rank_out)
     with open(os.path.join(out, f"report.{case}.rank{rank}.json"), "w") as f:

@@ -26,6 +26,7 @@ class OMoEConfig:
     total_steps: Optional[int] = None  # n; taken from the scheduler's total_num_steps when absent
     loo_divisor: str = "M-1"    # "M" reproduces the 1/M printed in eq. 12
     projector_storage: str = "auto"  # "factored" (P = I − UUᵀ), "dense", or the cheaper one per layer and stream
+    projection_side: str = "auto"    # "gradient" ([G_W | g_b]·P̄), "token" (δᵀ(X̃·P̄)), or the cheaper per stream and O step
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -49,6 +50,10 @@ class OMoEConfig:
         if self.projector_storage not in ("auto", "factored", "dense"):
             raise OMoEConfigError(f"omoe.projector_storage={self.projector_storage!r} is invalid: use \"auto\" (factored "
                                   "while that holds fewer bytes, then dense), \"factored\" or \"dense\"")
+        if self.projection_side not in ("auto", "gradient", "token"):
+            raise OMoEConfigError(f"omoe.projection_side={self.projection_side!r} is invalid: use \"auto\" (the cheaper "
+                                  "side per layer, stream and O step), \"gradient\" ([G_W | g_b]·P̄ after autograd) or "
+                                  "\"token\" (δᵀ(X̃·P̄) in place of autograd's weight-gradient product)")
 
     def is_o_step(self, step: int) -> bool:
         return self.enabled and step > 0 and step % self.skip_step == 0

@@ -26,6 +26,7 @@ import torch
 from ..experts.base import STREAMS, ExpertLayer, RecordContext, expert_key
 from . import collectives, optimizer_groups, projector
 from .config import OMoEConfig, OMoEConfigError
+from .projection_side import LayerProjection, side_report
 from .projector_state import StreamProjectors
 from .windows import InputWindow, flatten_windows, unflatten_windows_
 
@@ -59,9 +60,12 @@ class OMoE:
             for L, layer in enumerate(layers)]
         self._attention_mask: Optional[torch.Tensor] = None
         self._mask_position = _positional_index(engine.module, "attention_mask")
+        # "auto" | "gradient" | "token", from the config; tests and benches may set it between O steps.
+        self.projection_side = config.projection_side
+        self.views = [LayerProjection(partial(self._stores_of, L), lambda: self.projection_side) for L in range(len(layers))]
         self._hooks = []
         for L, layer in enumerate(layers):
-            self._hooks += layer.attach_projection(_LayerProjectors(self, L), self._is_o_step, self.projection_seconds)
+            self._hooks += layer.attach_projection(self.views[L], self._is_o_step, self.projection_seconds)
             self._hooks += layer.attach_recorder(RecordContext(self._records, self._token_mask, self.windows[L]))
         self.deferred_o_step = None      # an O step whose update fp16 overflow skipped: it runs next
         # Not a config key: bench/step_overhead.py turns it off to measure what freezing saves.
@@ -71,7 +75,10 @@ class OMoE:
         self._dense_params = [p for p in engine.module.parameters() if p.requires_grad and id(p) not in expert_ids]
         self._frozen: List[torch.nn.Parameter] = []
         self._optimizer, model_groups = optimizer_groups.innermost_optimizer(engine.optimizer)
-        self._dense_tensors = optimizer_groups.dense_group_tensors(self._optimizer, model_groups, expert_ids, names)
+        if optimizer_groups.is_zero3(engine.optimizer):
+            self._dense_tensors = optimizer_groups.zero3_dense_tensors(engine.optimizer, expert_ids, names)
+        else:
+            self._dense_tensors = optimizer_groups.dense_group_tensors(self._optimizer, model_groups, expert_ids, names)
         self._forward_handle = engine.module.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._recompute_guards = [layer.module.register_forward_pre_hook(partial(_refuse_recompute, layer.name))
                                   for layer in layers]
@@ -201,6 +208,8 @@ class OMoE:
                 for per_layer in self.projectors:
                     for store in per_layer:
                         store.release_o_step()
+                for view in self.views:
+                    view.end_o_step()
                 if engine.skipped_steps > skipped_before:
                     self.deferred_o_step = self.prepared_step
                 else:
@@ -229,30 +238,20 @@ class OMoE:
                 for L, per_layer in enumerate(self.P) for s, P_stack in enumerate(per_layer)
                 for l in range(P_stack.shape[0])}
 
+    def _stores_of(self, L: int) -> List[StreamProjectors]:
+        return self.projectors[L]  # looked up at each use: a checkpoint load may replace the stores
+
     def storage_report(self) -> List[Dict[str, object]]:
-        """Per layer and stream: the form chosen, O steps stored, bytes held and what dense would hold."""
+        """Per layer and stream: the form chosen, O steps stored, bytes held, what dense would hold, and the
+        side the current (or last) O step projects on (None before the first O step)."""
         return [{"layer": L, "stream": STREAMS[s], "form": store.form, "o_steps": store.steps, "bytes": store.nbytes(),
-                 "dense_bytes": store.dense_nbytes()}
+                 "dense_bytes": store.dense_nbytes(), "side": (self.views[L].report(s) or {}).get("side")}
                 for L, per_layer in enumerate(self.projectors) for s, store in enumerate(per_layer)]
 
-
-class _LayerProjectors:
-    """The ProjectorView of layer L (experts/base.py) over the OMoE state."""
-
-    def __init__(self, omoe: OMoE, L: int):
-        self.omoe, self.L = omoe, L
-
-    def weight_product(self, s: int, l: int, G: torch.Tensor, d: int) -> torch.Tensor:
-        return self.omoe.projectors[self.L][s].weight_product(G, l, d)
-
-    def weight_product_stack(self, s: int, G: torch.Tensor) -> torch.Tensor:
-        return self.omoe.projectors[self.L][s].weight_product_stack(G)
-
-    def bias_column(self, s: int, l: int) -> torch.Tensor:
-        return self.omoe.projectors[self.L][s].bias_column(l)
-
-    def bias_corner(self, s: int, l: int) -> torch.Tensor:
-        return self.omoe.projectors[self.L][s].bias_corner(l)
+    def side_report(self) -> List[Dict[str, object]]:
+        """Per layer and stream: the projection side of the current (or last) O step, its token rows and both
+        sides' multiply-adds (core/projection_side.py)."""
+        return side_report(self.views, STREAMS)
 
 
 def _positional_index(module, name: str) -> Optional[int]:

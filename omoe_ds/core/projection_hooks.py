@@ -1,16 +1,22 @@
-"""O-step gradient hooks: each expert Linear's [G_W | g_b] is right-multiplied by P̄_m.
+"""O-step projection of expert gradients by P̄_m, on either side (core/projection_side.py).
 
-The hooks are tensor hooks on the weight and the bias, so they run before DeepSpeed accumulates,
+Gradient side: tensor hooks on the weight and the bias, so they run before DeepSpeed accumulates,
 reduces or partitions anything (ZeRO 0/1/2 alike). The projection couples the two: the weight's new
 gradient needs g_b, the bias's needs G_W·c. Each leaf hook sees only its own gradient, so a hook on
 the Linear's output gradient δ supplies the side terms: g_b = Σδ and G_W·c = δᵀ(X·c), both O(tokens·d).
+
+Token side: `ProjectedLinear` is F.linear whose backward returns [G_W | g_b] = δᵀ(X̃·P̄) directly, so
+autograd never forms δᵀX̃; X̃·P̄ is computed in the forward (saved in place of X) and shared by the
+matrices that read the same input (`TokenProduct`).
 """
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import projector
@@ -106,3 +112,59 @@ class FusedGradProjector:
         out = self._stack_product(grad.to(projector.PROJECTOR_DTYPE)).to(grad.dtype)
         self._timer[0] += time.perf_counter() - start
         return out
+
+
+class ProjectedLinear(torch.autograd.Function):
+    """y = F.linear(x, W, b); backward: δW for x, and [G_W | g_b] = δᵀ(X̃·P̄) from x_pbar = X̃·P̄ [rows, n]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_pbar):
+        ctx.save_for_backward(weight, x_pbar)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, x_pbar = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        projected = grad_out.reshape(-1, grad_out.shape[-1]).to(projector.PROJECTOR_DTYPE).T @ x_pbar  # [out, n]
+        d = weight.shape[1]
+        grad_b = projected[:, d].to(weight.dtype) if ctx.has_bias else None
+        return grad_x, projected[:, :d].to(weight.dtype), grad_b, None
+
+
+class TokenProduct:
+    """X̃·P̄ of one (expert, stream), timed, computed once per input tensor: gate and up read the same x."""
+
+    def __init__(self, product: Callable[[torch.Tensor], torch.Tensor], timer: list):
+        self._product, self._timer = product, timer
+        self._last = (None, None)  # weak refs (input, X̃·P̄): the autograd graph owns both
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        seen, value = (ref() if ref is not None else None for ref in self._last)
+        if seen is x and value is not None:
+            return value
+        start = time.perf_counter()
+        with torch.no_grad():
+            value = self._product(x.detach().reshape(-1, x.shape[-1]))
+        self._timer[0] += time.perf_counter() - start
+        self._last = (weakref.ref(x), weakref.ref(value))
+        return value
+
+
+class LinearTokenSide:
+    """Replaces an expert nn.Linear's forward (on the instance) by ProjectedLinear while `uses_token_side(x)`;
+    otherwise the class's own forward runs, so outputs and gradients keep their bits."""
+
+    def __init__(self, linear: nn.Linear, uses_token_side: Callable[[torch.Tensor], bool], product: TokenProduct):
+        self.linear, self._uses_token_side, self._product = linear, uses_token_side, product
+        linear.forward = self._forward
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        if torch.is_grad_enabled() and linear.weight.requires_grad and self._uses_token_side(x):
+            return ProjectedLinear.apply(x, linear.weight, linear.bias, self._product(x))
+        return type(linear).forward(linear, x)
+
+    def remove_hooks(self) -> None:
+        self.linear.__dict__.pop("forward", None)

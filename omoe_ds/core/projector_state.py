@@ -118,6 +118,18 @@ class StreamProjectors:
         GV[local, :, self.first_global + local] = 0             # leave each expert's own factors out
         return self.identity_scale * G - GV.reshape(G.shape[0], G.shape[1], -1) @ flat.T / self.divisor
 
+    def token_product(self, X: torch.Tensor, local: int) -> torch.Tensor:
+        """X̃·P̄_l [rows, n] fp32 for rows X [rows, d_in] of local expert l, X̃ = [X | 1] where the stream has a
+        bias (d_in = n − 1): the token side of the projection, δᵀ(X̃·P̄) = [G_W | g_b]·P̄ (P̄ is symmetric)."""
+        X = X.to(PROJECTOR_DTYPE)
+        if X.shape[-1] == self.n - 1:
+            X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+        return self.weight_product(X, local, self.n)
+
+    def row_cost(self) -> int:
+        """Multiply-adds of one row times P̄: n² dense; factored, (row·V)·Vᵀ over every expert's M·t factors."""
+        return self.n * self.n if self.P is not None else 2 * self.n * self.num_experts * self.steps
+
     def _bias_coordinate_of_others(self, local: int) -> torch.Tensor:
         """The bias coordinate (row n − 1) of every factor but local expert l's, flat [M·t]."""
         last = self.V[self.n - 1].clone()

@@ -46,6 +46,11 @@ class ProjectorView(Protocol):
     def weight_product_stack(self, stream: int, G: torch.Tensor) -> torch.Tensor: ...  # [E_local, r, n]·P̄
     def bias_column(self, stream: int, local: int) -> torch.Tensor: ...   # c = P̄[:-1, -1]
     def bias_corner(self, stream: int, local: int) -> torch.Tensor: ...   # e = P̄[-1, -1]
+    def token_product(self, stream: int, local: int, X: torch.Tensor) -> torch.Tensor: ...  # [X | 1]·P̄, fp32
+    # The side this O step projects the stream on: choose() decides it at the stream's first forward, from the
+    # rows its local experts received and one expert's out features reading it; side() is None before that.
+    def choose(self, stream: int, token_rows: int, out_features: int) -> str: ...  # "gradient" | "token"
+    def side(self, stream: int) -> Optional[str]: ...
 
 
 class WindowSink(Protocol):
@@ -99,8 +104,9 @@ class ExpertLayer:
         raise NotImplementedError
 
     def attach_projection(self, view: ProjectorView, is_active: Callable[[], bool], timer: list) -> list:
-        """Gradient hooks that right-multiply every expert matrix's [G | g] by its stream's P̄ while
-        is_active(); returns removable handles."""
+        """While is_active() (an O step), every expert matrix's [G | g] becomes [G | g]·P̄ of its stream: on the
+        gradient side by hooks on the parameters' gradients, on the token side by computing δᵀ(X̃·P̄) in place
+        of autograd's weight-gradient product (view.choose); returns removable handles."""
         raise NotImplementedError
 
     def attach_recorder(self, context: RecordContext) -> list:

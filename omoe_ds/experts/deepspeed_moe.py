@@ -27,7 +27,7 @@ from deepspeed.moe.layer import MoE
 
 from ..core import collectives
 from ..core.config import OMoEConfigError
-from ..core.projection_hooks import ExpertGradProjector
+from ..core.projection_hooks import ExpertGradProjector, LinearTokenSide, TokenProduct
 from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
 
 FFN_NAMES = ("w1", "w2")
@@ -82,13 +82,25 @@ class DeepSpeedMoELayer(ExpertLayer):
         return self.experts[local](tokens)
 
     def attach_projection(self, view: ProjectorView, is_active, timer: list) -> list:
+        # One expert's out features per stream (gate and up both read x); every local expert gets as many
+        # capacity rows as the first, so the stream's token rows are E_local times the first call's.
+        out_features = [sum(linear.out_features for linear, s in zip(self.linears[0], self.matrix_streams) if s == stream)
+                        for stream in (X, H)]
+
+        def uses_token_side(x, s):
+            rows = x.numel() // x.shape[-1] * self.num_local_experts
+            return is_active() and view.choose(s, rows, out_features[s]) == "token"
+
         hooks = []
         for local, per_expert in enumerate(self.linears):
+            products = {s: TokenProduct(lambda rows, s=s, l=local: view.token_product(s, l, rows), timer)
+                        for s in set(self.matrix_streams)}
             for linear, stream in zip(per_expert, self.matrix_streams):
                 hooks.append(ExpertGradProjector(
                     linear, lambda G, d, s=stream, l=local: view.weight_product(s, l, G, d),
                     lambda s=stream, l=local: view.bias_column(s, l), lambda s=stream, l=local: view.bias_corner(s, l),
-                    is_active, timer))
+                    lambda s=stream: is_active() and view.side(s) != "token", timer))
+                hooks.append(LinearTokenSide(linear, lambda x, s=stream: uses_token_side(x, s), products[stream]))
         return hooks
 
     def attach_recorder(self, context: RecordContext) -> list:

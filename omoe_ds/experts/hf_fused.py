@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.config import OMoEConfigError
 from ..core.projection_hooks import FusedGradProjector
 from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
+from .fused_token_side import FusedTokenSide
 
 RECORDABLE_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 SWIGLU_NAMES = ("gate", "up", "down")
@@ -69,8 +70,11 @@ class HFFusedExpertsLayer(ExpertLayer):
         return F.linear(h, self.module.down_proj[local])
 
     def attach_projection(self, view: ProjectorView, is_active, timer: list) -> list:
-        return [FusedGradProjector(self.module.gate_up_proj, lambda G: view.weight_product_stack(X, G), is_active, timer),
-                FusedGradProjector(self.module.down_proj, lambda G: view.weight_product_stack(H, G), is_active, timer)]
+        return [FusedGradProjector(self.module.gate_up_proj, lambda G: view.weight_product_stack(X, G),
+                                   lambda: is_active() and view.side(X) != "token", timer),
+                FusedGradProjector(self.module.down_proj, lambda G: view.weight_product_stack(H, G),
+                                   lambda: is_active() and view.side(H) != "token", timer),
+                FusedTokenSide(self.module, view, is_active, timer)]
 
     def attach_recorder(self, context: RecordContext) -> list:
         return [_FusedRecorder(self, context)]

@@ -1,0 +1,188 @@
+"""The token side of the O-step projection for transformers' fused experts (hf_fused.py).
+
+In an O step whose stream projects on the token side (core/projection_side.py), each expert's slice of a
+fused parameter gets δᵀ(X̃·P̄) instead of autograd's δᵀX̃. During such a forward a TorchFunctionMode
+replaces the implementation's products with that parameter by autograd Functions that make the same call
+forward and return the projected gradient backward:
+- grouped_mm: grouped_mm(x sorted by expert, W.transpose(-2, -1), offs) — torch's kernel or transformers'
+  fallback op;
+- batched_mm: W[expert_ids] (taken from the detached W), then torch.bmm(W_selected, x.unsqueeze(-1));
+- eager: F.linear(x_e, W[e]) per expert (core ProjectedLinear on the view).
+A token-side forward that routed rows but met no product with a token-side parameter raises: an
+implementation that changed must not leave gradients unprojected.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..core.projection_hooks import ProjectedLinear
+from ..core.projector import PROJECTOR_DTYPE
+from .base import H, X, ProjectorView
+
+
+def _grouped_mm_functions() -> tuple:
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+    found = [getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)]
+    fallback = getattr(torch.ops.transformers, "grouped_mm_fallback", None)
+    if fallback is not None:
+        found += [fallback, fallback.default]
+    return tuple(f for f in found if f is not None)
+
+
+class _ProjectedGroupedMM(torch.autograd.Function):
+    """grouped_mm(x, W.transpose(-2, -1), offs); backward: δ·W per segment, and δ_eᵀ(X̃_e·P̄_e) for W[e]."""
+
+    @staticmethod
+    def forward(ctx, x, param, offs, x_pbar, func):
+        ctx.save_for_backward(param, offs, x_pbar)
+        ctx.func = func
+        return func(x, param.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        param, offs, x_pbar = ctx.saved_tensors
+        grad_x = ctx.func(grad_out.contiguous(), param, offs=offs) if ctx.needs_input_grad[0] else None
+        delta = grad_out.to(PROJECTOR_DTYPE)
+        grad_w = torch.zeros_like(param)
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                grad_w[e] = (delta[start:end].T @ x_pbar[start:end]).to(param.dtype)
+            start = end
+        return grad_x, grad_w, None, None, None
+
+
+class _ProjectedBatchedMM(torch.autograd.Function):
+    """bmm(W[ids], x [S, in, 1]); backward: W[ids]ᵀ·δ for x, and δ_eᵀ(X̃_e·P̄_e) for W[e]."""
+
+    @staticmethod
+    def forward(ctx, x, selected, param, ids, x_pbar):
+        ctx.save_for_backward(selected, param, ids, x_pbar)
+        return torch.bmm(selected, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        selected, param, ids, x_pbar = ctx.saved_tensors
+        grad_x = torch.bmm(selected.transpose(1, 2), grad_out) if ctx.needs_input_grad[0] else None
+        delta = grad_out.squeeze(-1).to(PROJECTOR_DTYPE)
+        grad_w = torch.zeros_like(param)
+        for e in ids.unique().tolist():
+            rows = ids == e
+            grad_w[e] = (delta[rows].T @ x_pbar[rows]).to(param.dtype)
+        return grad_x, None, grad_w, None, None
+
+
+class _TokenSideMode(TorchFunctionMode):
+    """Active during one token-side experts forward; `streams` maps each token-side parameter to its stream."""
+
+    def __init__(self, streams: Dict[nn.Parameter, int], view: ProjectorView, timer: list):
+        super().__init__()
+        self.streams, self.view, self.timer = streams, view, timer
+        self.grouped = _grouped_mm_functions()
+        self.met = set()
+        self._selected = {}  # id(W[ids]) -> (W[ids], W, ids), for the bmm that follows
+
+    def _owner(self, weight):
+        base = getattr(weight, "_base", None) if isinstance(weight, torch.Tensor) else None
+        return base if base is not None and any(base is p for p in self.streams) else None
+
+    def _rows(self, param, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return self.view.token_product(self.streams[param], expert, rows.detach())
+
+    def _timed(self, compute):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = compute()
+        self.timer[0] += time.perf_counter() - start
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.grouped and len(args) >= 2:
+            param, offs = self._owner(args[1]), args[2] if len(args) > 2 else kwargs.get("offs")
+            plain = all(kwargs.get(k) is None for k in set(kwargs) - {"offs"})  # no bias, no out_dtype
+            if param is not None and offs is not None and plain:
+                self.met.add(param)
+                x_pbar = self._timed(lambda: self._segments(param, args[0], offs))
+                return _ProjectedGroupedMM.apply(args[0], param, offs, x_pbar, func)
+        elif func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            param = self._owner(weight)
+            if param is not None and weight.dim() == 2:
+                expert = (weight.data_ptr() - param.data_ptr()) // (param.stride(0) * param.element_size())
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                self.met.add(param)
+                x_pbar = self._timed(lambda: self._rows(param, int(expert), args[0].reshape(-1, args[0].shape[-1])))
+                return ProjectedLinear.apply(args[0], weight, bias, x_pbar)
+        elif func is torch.Tensor.__getitem__ and any(args[0] is p for p in self.streams):
+            index = args[1]
+            if isinstance(index, torch.Tensor) and index.dim() == 1 and not index.is_floating_point():
+                selected = func(args[0].detach(), index)  # the gradient comes through the bmm below
+                self._selected[id(selected)] = (selected, args[0], index)
+                return selected
+        elif func is torch.bmm and id(args[0]) in self._selected and self._selected[id(args[0])][0] is args[0]:
+            selected, param, ids = self._selected.pop(id(args[0]))
+            self.met.add(param)
+            x_pbar = self._timed(lambda: self._by_expert(param, args[1].squeeze(-1), ids))
+            return _ProjectedBatchedMM.apply(args[1], selected, param, ids, x_pbar)
+        return func(*args, **kwargs)
+
+    def _segments(self, param, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], self.view_n(param), dtype=PROJECTOR_DTYPE, device=x.device)
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                out[start:end] = self._rows(param, e, x[start:end])
+            start = end
+        return out
+
+    def _by_expert(self, param, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.view_n(param), dtype=PROJECTOR_DTYPE, device=x.device)
+        for e in ids.unique().tolist():
+            rows = ids == e
+            out[rows] = self._rows(param, e, x[rows])
+        return out
+
+    def view_n(self, param) -> int:
+        return param.shape[-1]  # fused experts have no bias: n = d_in
+
+
+class FusedTokenSide:
+    """Wraps the experts' forward on the instance: in an O step, decides each stream's side and runs the
+    forward under _TokenSideMode when any stream projects on the token side."""
+
+    def __init__(self, module: nn.Module, view: ProjectorView, is_active, timer: list):
+        self.module = module
+        forward = module.forward
+        params = {X: module.gate_up_proj, H: module.down_proj}
+        out_features = {s: p.shape[1] for s, p in params.items()}  # gate_up: 2·ff rows read x; down: d rows read h
+
+        def token_side_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            if not (is_active() and torch.is_grad_enabled()):
+                return forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            rows = top_k_index.numel()  # (token, route) pairs: every expert is local
+            token = {params[s]: s for s in (X, H)
+                     if params[s].requires_grad and view.choose(s, rows, out_features[s]) == "token"}
+            if not token:
+                return forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            mode = _TokenSideMode(token, view, timer)
+            with mode:
+                out = forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            missed = [name for name, p in (("gate_up_proj", params[X]), ("down_proj", params[H]))
+                      if p in token and p not in mode.met]
+            if missed and rows:
+                raise RuntimeError(f"OMoE token-side projection: the experts forward ({type(module).__name__}) never "
+                                   f"multiplied by {missed} in a way OMoE recognises; set omoe.projection_side to "
+                                   "\"gradient\" for this model")
+            return out
+
+        module.forward = token_side_forward
+
+    def remove_hooks(self) -> None:
+        self.module.__dict__.pop("forward", None)

@@ -1,0 +1,111 @@
+"""The O-step projection on the token side, δᵀ(X̃·P̄) in place of autograd's δᵀX̃, against the gradient side
+[G_W | g_b]·P̄, on every expert layout (the tiny models of tests/layouts_worker.py) in both projector forms,
+with two micro-batches accumulated in one O step; and the side the cost model picks."""
+import os
+import sys
+
+import pytest
+import torch
+import transformers
+
+from omoe_ds.core.config import OMoEConfig, OMoEConfigError
+from omoe_ds.core.projection_side import LayerProjection, choose_side, side_costs
+from omoe_ds.core.projector_state import StreamProjectors
+from omoe_ds.experts import find_expert_layers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layouts_worker import CASES, HF_CONFIGS, IMPLEMENTATION, NativeNet  # noqa: E402
+
+U32 = 2.0 ** -24
+T_t = 3  # O steps of factors in each store
+
+
+def make(case):
+    torch.manual_seed(0)
+    if case.startswith("native_"):
+        return NativeNet(case[len("native_"):], ep_size=1)
+    return transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[case](), experts_implementation=IMPLEMENTATION[case])
+
+
+def micro_batch_loss(model, case, seed):
+    g = torch.Generator().manual_seed(seed)
+    if case.startswith("native_"):
+        return model(torch.randn(4, 6, 8, generator=g), torch.randint(0, 4, (4,), generator=g))
+    ids = torch.randint(3, 48, (4, 6), generator=g)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def projected_stores(layer, storage, g):
+    stores = []
+    for stream in layer.streams:
+        store = StreamProjectors(stream.n, layer.num_experts, layer.num_local_experts, 0, layer.num_experts - 1,
+                                 storage=storage)
+        for _ in range(T_t):  # |u| ≈ 0.5: P̄ far from I, so an unprojected gradient is off by ~10 %
+            store.apply_factors_(0.5 * torch.randn(layer.num_experts, stream.n, generator=g) / stream.n ** 0.5)
+        stores.append(store)
+    return stores
+
+
+@pytest.mark.parametrize("storage", ["factored", "dense"])
+@pytest.mark.parametrize("case", CASES)
+def test_token_side_equals_gradient_side(single_process_group, case, storage):
+    model = make(case)
+    layers = find_expert_layers(model)
+    g = torch.Generator().manual_seed(5)
+    stores = [projected_stores(layer, storage, g) for layer in layers]
+    active, side = [False], ["gradient"]
+    views = [LayerProjection(lambda L=L: stores[L], lambda: side[0]) for L in range(len(layers))]
+    for L, layer in enumerate(layers):
+        layer.attach_projection(views[L], lambda: active[0], [0.0])
+    params = [p for layer in layers for p in layer.expert_parameters()]
+
+    def o_step(which):
+        """Σ over two micro-batches of the expert gradients (None: unprojected), P̄ built once for the step."""
+        for view in views:
+            view.end_o_step()
+        for per_layer in stores:
+            for store in per_layer:
+                store.release_o_step()
+        active[0], side[0] = which is not None, which or "gradient"
+        total, built = None, []
+        for seed in (7, 8):
+            grads = torch.autograd.grad(micro_batch_loss(model, case, seed), params)
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            built.append([store._pbar for per_layer in stores for store in per_layer])
+        if which is not None:
+            assert {view.side(s) for view in views for s in range(2)} == {which}
+            # dense: one P̄ per store, the same object in both micro-batches; factored: no n×n ever formed
+            assert all(a is b and (a is None) == (storage == "factored") for a, b in zip(*built))
+        return total
+
+    raw, gradient, token = o_step(None), o_step("gradient"), o_step("token")
+    # Each entry is an fp32 sum of the same T·n products δ_ti·X̃_tk·P̄_kj (T ≤ 96 routed rows per micro-batch,
+    # n ≤ 25, and the 2·M·t = 24 factor terms of P̄ when factored), in another order on each side: by Higham's γ_m
+    # each is within (T + n + 2·M·t)·2⁻²⁴ ≈ 9e-6 of its terms' absolute sum; these inputs keep that sum within
+    # a few times the largest entry (measured: ≤ 4e-7 of it), so 2e-5 of the largest entry.
+    tol = 2e-5
+    for p, r, a, b in zip(params, raw, gradient, token):
+        scale = a.abs().max()
+        assert (a - b).abs().max() <= tol * scale, (case, storage, tuple(p.shape), ((a - b).abs().max() / scale).item())
+        assert (a - r).abs().max() > 1e-2 * scale  # the projection is not the identity: the test can fail
+
+
+def test_cost_model_counts_the_weight_gradient_product_once():
+    # one expert reading a stream of n = 769 (BERT-base x̃) with 3072 out features, 4 local experts of 8
+    dense = 769 * 769
+    few = side_costs(token_rows=512, out_features=3072, num_local=4, n=769, row_cost=dense)
+    many = side_costs(token_rows=65536, out_features=3072, num_local=4, n=769, row_cost=dense)
+    gemm = 512 * 3072 * 769
+    assert few == {"gradient": gemm + 4 * 3072 * dense, "token": 512 * dense + gemm}
+    assert choose_side("auto", few) == "token" and choose_side("auto", many) == "gradient"
+    assert choose_side("gradient", few) == "gradient" and choose_side("token", many) == "token"
+    # the token side does not grow with the local experts; the gradient side does
+    wide = side_costs(token_rows=512, out_features=3072, num_local=32, n=769, row_cost=dense)
+    assert wide["token"] == few["token"] and wide["gradient"] > few["gradient"]
+
+
+def test_projection_side_config_is_validated():
+    assert OMoEConfig().projection_side == "auto"
+    assert OMoEConfig(projection_side="token").projection_side == "token"
+    with pytest.raises(OMoEConfigError, match=r"projection_side='tokens'.*\"auto\".*\"gradient\".*\"token\""):
+        OMoEConfig(projection_side="tokens")
