@@ -11,6 +11,7 @@ from .core import collectives, environment
 from .core.config import OMoEConfig, OMoEConfigError, resolve_ds_config, zero_stage
 from .core.phase import OMoE
 from .experts import check_ep_sizes, find_expert_layers
+from .experts.autoep_checks import autoep_section, check_autoep, check_client_optimizer
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
@@ -24,22 +25,28 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     ds_config = resolve_ds_config(args, config, config_params)
     omoe_config = OMoEConfig.from_ds_config(ds_config)
     stage = zero_stage(ds_config)
+    autoep = autoep_section(ds_config)
+    if autoep is not None:
+        check_autoep(model, autoep, ds_config)
+        layers = []  # AutoEP replaces the MoE blocks inside deepspeed.initialize: found on engine.module after it
+    else:
+        layers = find_expert_layers(model)
+        if omoe_config.enabled and not layers:
+            raise OMoEConfigError(f"{type(model).__name__} has no MoE layer OMoE knows (deepspeed.moe.layer.MoE, or "
+                                  "transformers' fused experts as in Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, alone "
+                                  "or through DeepSpeed AutoEP); add MoE layers or set \"omoe\": {\"enabled\": false}")
     if stage >= 3:
-        raise OMoEConfigError(f"zero_optimization.stage={stage}: DeepSpeed's native MoE layer does not support "
-                              "ZeRO-3; use stage 0, 1 or 2 (ds_configs/omoe_zero2.json)")
-    layers = find_expert_layers(model)
-    if omoe_config.enabled and not layers:
-        raise OMoEConfigError(f"{type(model).__name__} has no MoE layer OMoE knows (deepspeed.moe.layer.MoE, or "
-                              "transformers' fused experts as in Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3); "
-                              "add MoE layers or set \"omoe\": {\"enabled\": false}")
+        _refuse_zero3_layouts(layers, omoe_config.enabled)
     if omoe_config.enabled:
         _refuse_unchecked_layouts(model, layers, ds_config, mpu, optimizer, stage)
+    if autoep is not None and isinstance(optimizer, torch.optim.Optimizer):
+        check_client_optimizer(optimizer, model, int(autoep.get("autoep_size", 1)))
     environment.init_distributed(dist_init_required)
     check_ep_sizes(layers, collectives.world_size())
 
     # Experts DeepSpeed does not know as MoE (fused ones) still need groups of their own for the O step.
     own_groups = {id(p) for layer in layers if not layer.deepspeed_expert_files for p in layer.expert_parameters()}
-    if model_parameters is None:
+    if model_parameters is None and autoep is None:  # under AutoEP DeepSpeed takes them after the replacement
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     if own_groups:
         model_parameters = _expert_groups(model_parameters, own_groups)
@@ -61,6 +68,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
         config=ds_config, **kwargs)
+    if autoep is not None and omoe_config.enabled:
+        layers = find_expert_layers(engine.module)
+        if not layers:
+            raise OMoEConfigError("DeepSpeed AutoEP replaced no MoE block of the model, so OMoE has no expert layer; "
+                                  "check expert_parallel.preset_model")
+        check_ep_sizes(layers, collectives.world_size())
+        _refuse_recomputed_layers(engine.module, layers)  # after the replacement, before any forward
+        if omoe_config.projection_side == "token":
+            raise OMoEConfigError("omoe.projection_side=\"token\": AutoEP layers project on the gradient side only "
+                                  "(one bmm per w1, w3, w2 gradient); set \"projection_side\": \"gradient\" or \"auto\"")
     engine.omoe = OMoE(engine, layers, omoe_config) if omoe_config.enabled else None
     return engine, engine_optimizer, loader, scheduler
 
@@ -75,6 +92,14 @@ def _refuse_unchecked_layouts(model, layers, ds_config: dict, mpu, optimizer, st
         raise OMoEConfigError(f"mpu={type(mpu).__name__}: OMoE does not support tensor/model parallelism (an expert "
                               "sharded by a tensor-parallel group would project a slice of its gradient with a projector "
                               "over the whole input); run without mpu")
+    _refuse_recomputed_layers(model, layers)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        _refuse_adagrad_under_zero(optimizer, stage)
+    elif stage in (1, 2) and str(ds_config.get("optimizer", {}).get("type", "")).lower() == "adagrad":
+        raise OMoEConfigError(_ADAGRAD_UNDER_ZERO.format(stage=stage, what="the config optimizer \"Adagrad\""))
+
+
+def _refuse_recomputed_layers(model, layers) -> None:
     moe_modules = {id(layer.module) for layer in layers}
     checkpointing = [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True
                      and any(id(sub) in moe_modules for sub in m.modules())]
@@ -82,10 +107,23 @@ def _refuse_unchecked_layouts(model, layers, ds_config: dict, mpu, optimizer, st
         raise OMoEConfigError(f"gradient checkpointing is on ({checkpointing[0] or type(model).__name__}): it recomputes "
                               "the MoE layers in backward, which would record their inputs twice and run the O-step "
                               "hooks on the recomputed graph; call model.gradient_checkpointing_disable()")
-    if isinstance(optimizer, torch.optim.Optimizer):
-        _refuse_adagrad_under_zero(optimizer, stage)
-    elif stage in (1, 2) and str(ds_config.get("optimizer", {}).get("type", "")).lower() == "adagrad":
-        raise OMoEConfigError(_ADAGRAD_UNDER_ZERO.format(stage=stage, what="the config optimizer \"Adagrad\""))
+
+
+def _refuse_zero3_layouts(layers, omoe_enabled: bool) -> None:
+    """ZeRO-3: DeepSpeed refuses its native MoE layer; OMoE's replicated fused-expert adapter reads its
+    parameters outside the forward, where ZeRO-3 leaves placeholders. AutoEP layers and models without
+    MoE layers are fine."""
+    for layer in layers:
+        if layer.deepspeed_expert_files:
+            raise OMoEConfigError(f"zero_optimization.stage=3 with DeepSpeed's native MoE layer ({layer.name}): DeepSpeed "
+                                  "does not support native MoE under ZeRO-3. Use a Hugging Face MoE model through AutoEP "
+                                  "(\"expert_parallel\": {\"enabled\": true, \"autoep_size\": N, \"preset_model\": ...}), "
+                                  "or ZeRO stage 0, 1 or 2 (ds_configs/omoe_zero2.json)")
+        if omoe_enabled:
+            raise OMoEConfigError(f"zero_optimization.stage=3 with transformers' fused experts ({layer.name}) replicated: "
+                                  "OMoE runs them under ZeRO-3 through DeepSpeed AutoEP; add \"expert_parallel\": "
+                                  "{\"enabled\": true, \"autoep_size\": N} (N = 1 keeps them replicated), or use ZeRO "
+                                  "stage 0, 1 or 2")
 
 
 _ADAGRAD_UNDER_ZERO = ("zero_optimization.stage={stage} with {what}: DeepSpeed 0.19.8 rebuilds torch Adagrad over "

@@ -49,10 +49,11 @@ def small_model(**kw):
     return SmallMoEClassifier(SmallMoESpec(**kw))
 
 
-def test_zero3_is_refused_before_the_engine():
+def test_zero3_with_native_moe_is_refused_before_the_engine():
     ds = cfg()
     ds["zero_optimization"] = {"stage": 3}
-    with pytest.raises(OMoEConfigError, match=r"stage=3.*does not support ZeRO-3"):
+    with pytest.raises(OMoEConfigError, match=r"stage=3 with DeepSpeed's native MoE layer .*does not support native MoE "
+                                              r"under ZeRO-3\. Use a Hugging Face MoE model through AutoEP"):
         omoe_ds.initialize(model=small_model(), config=ds)
 
 

@@ -147,7 +147,11 @@ def _stream_of(saved: dict, stream: str) -> torch.Tensor:
 
 def _matrix_shapes(layer) -> list:
     """[out, in] of each expert matrix in the layout's order (FFN: w1, w2, as checkpoints always recorded)."""
-    return [list(weight.shape) for weight, _ in layer.matrices(0).values()]
+    return layer.matrix_shapes()
+
+
+def _full_shape(p) -> list:
+    return list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves p.shape empty outside the forward
 
 
 def _meta(engine, layers: List[ExpertLayer], names: Dict[int, str]) -> dict:
@@ -158,7 +162,7 @@ def _meta(engine, layers: List[ExpertLayer], names: Dict[int, str]) -> dict:
             "zero_stage": engine.zero_optimization_stage(),
             "model_class": type(engine.module).__name__,
             "model_type": getattr(hf_config, "model_type", None),
-            "dense_shapes": {names[id(p)]: list(p.shape) for p in engine.module.parameters() if not is_moe_param(p)},
+            "dense_shapes": {names[id(p)]: _full_shape(p) for p in engine.module.parameters() if not is_moe_param(p)},
             "layers": [{"name": layer.name, "num_experts": layer.num_experts, "ep_size": layer.ep_size,
                         "layout": layer.layout, "shapes": _matrix_shapes(layer)}
                        for layer in layers],
@@ -244,7 +248,7 @@ def check_checkpoint(engine, tag_dir: str) -> dict:
                                       f"(0…{saved['num_experts'] - 1})")
     names = global_parameter_names(engine.module, layers)
     from deepspeed.moe.utils import is_moe_param
-    here = {names[id(p)]: list(p.shape) for p in engine.module.parameters() if not is_moe_param(p)}
+    here = {names[id(p)]: _full_shape(p) for p in engine.module.parameters() if not is_moe_param(p)}
     if here != meta["dense_shapes"]:
         saved = meta["dense_shapes"]
         diff = ([f"missing here: {n}" for n in sorted(set(saved) - set(here))]

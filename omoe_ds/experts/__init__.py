@@ -2,6 +2,7 @@
 
     deepspeed_moe   DeepSpeed's native MoE layer, FFN or SwiGLU experts, expert-parallel
     hf_fused        transformers' fused experts (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3), replicated
+    autoep          DeepSpeed AutoEP layers (w1/w3/w2), expert-parallel, found on engine.module after init
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from torch import nn
 
 from ..core import collectives
 from ..core.config import OMoEConfigError
-from . import deepspeed_moe, hf_fused
+from . import autoep, deepspeed_moe, hf_fused
 from .base import STREAMS, ExpertLayer, Stream, expert_key
 from .deepspeed_moe import SwiGLUExpert, make_moe_ffn
 
-ADAPTERS = (deepspeed_moe.describe, hf_fused.describe)  # tried in order; the first that claims a module wins
+ADAPTERS = (deepspeed_moe.describe, hf_fused.describe, autoep.describe)  # tried in order; the first that claims a module wins
 
 
 def find_expert_layers(model: nn.Module) -> List[ExpertLayer]:

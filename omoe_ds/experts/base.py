@@ -114,6 +114,11 @@ class ExpertLayer:
         raise NotImplementedError
 
     # ---- derived ------------------------------------------------------------------------------
+    def matrix_shapes(self) -> List[List[int]]:
+        """[out, in] of each expert matrix in matrix_names order (an adapter whose views can be ZeRO-3
+        placeholders overrides it)."""
+        return [list(weight.shape) for weight, _ in self.matrices(0).values()]
+
     @property
     def device(self) -> torch.device:
         return self.expert_parameters()[0].device
