@@ -225,3 +225,12 @@ def test_token_side_projection_is_refused_for_autoep_layers(single_process_group
     ds["omoe"] = {"projection_side": "token"}
     with pytest.raises(OMoEConfigError, match=r"projection_side=\"token\": AutoEP layers project on the gradient side"):
         omoe_ds.initialize(model=tiny(), config=ds)
+
+
+def test_resharding_an_autoep_checkpoint_is_refused():
+    from omoe_ds.checkpoint import CheckpointError
+    from omoe_ds.checkpoint.reshard import check_target
+    meta = {"layers": [{"name": "model.layers.0.mlp", "num_experts": 4, "ep_size": 2, "layout": "autoep-swiglu"}]}
+    with pytest.raises(CheckpointError, match=r"meta: MoE layer 0 \(model.layers.0.mlp\) is a DeepSpeed AutoEP layer; "
+                                              r"resharding AutoEP checkpoints is not supported yet"):
+        check_target(meta, 1, 1, "meta")

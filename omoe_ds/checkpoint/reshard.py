@@ -173,6 +173,10 @@ def check_target(meta: dict, ep_size: int, world_size: int, where: str) -> None:
         raise CheckpointError(f"--ep-size={ep_size} does not divide --world-size={world_size}; pick an EP size that "
                               "divides the number of ranks")
     for L, layer in enumerate(meta["layers"]):
+        if layer.get("layout") == "autoep-swiglu":
+            raise CheckpointError(f"{where}: MoE layer {L} ({layer['name']}) is a DeepSpeed AutoEP layer; resharding "
+                                  "AutoEP checkpoints is not supported yet: resume on the world size and autoep_size "
+                                  "it was saved with")
         if _expert_parallel(layer) and layer["num_experts"] % ep_size:
             raise CheckpointError(f"{where}: MoE layer {L} has {layer['num_experts']} experts, which --ep-size="
                                   f"{ep_size} does not divide; pick a divisor of {layer['num_experts']}")
