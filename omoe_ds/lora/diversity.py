@@ -1,6 +1,6 @@
 """Diversity figures of mixtures of LoRA experts (paper B, arXiv 2501.10062), measured on given batches.
 
-Forward hooks on every LoRAMixtureLinear of a model see each module's input x during one no_grad, eval-mode
+Forward pre-hooks on every LoRAMixtureLinear of a model see each module's input x during one no_grad, eval-mode
 forward per batch; the hook recomputes the module's MixtureParts from x (the forward keeps none; in eval mode,
 without dropout, they are the very values the forward mixed) and keeps only the real tokens, those whose
 attention-mask entry is nonzero. Per module, over those tokens:
@@ -132,7 +132,7 @@ def _run(model, batches, modules, on_parts, mask_key):
     state = {}
 
     def hook_for(name):
-        def hook(module, args, output):
+        def hook(module, args):
             x, mask = args[0], state["mask"]
             if mask is not None and mask.numel() != x.numel() // x.shape[-1]:
                 raise OMoEConfigError(f"{name}: input of shape {tuple(x.shape)} does not match the attention mask "
@@ -142,7 +142,9 @@ def _run(model, batches, modules, on_parts, mask_key):
             on_parts(name, parts, keep)
         return hook
 
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    # Pre-hooks: ZeRO-3's own pre-hook (registered first, at engine init) has gathered the module's adapters by
+    # then; after the forward its post-hook has partitioned them again.
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
     try:
         with _eval_no_grad(model):
             for batch in batches:
