@@ -1,16 +1,26 @@
-"""OMoE step overhead vs AdamW: same MoE model, same data, 2 ranks at EP=2, one run. Prints one JSON object.
+"""OMoE step overhead vs AdamW: same MoE model, same data, 2 ranks at EP=2, one launch. Prints one JSON object.
 
-    python bench/step_overhead.py                 # launches itself: deepspeed --num_gpus 2 (CPU/gloo here)
-    python bench/step_overhead.py --shapes small  # only the small model
+    python bench/step_overhead.py                            # small, minilm_realistic, bert_base_realistic
+    python bench/step_overhead.py --shapes small             # only the small test model
+    python bench/step_overhead.py --shapes bert_base_realistic --o-steps-before 0 200
 
-Each shape runs AdamW, OMoE, and OMoE with the O-step dense freeze off (dense weight gradients computed
-and discarded) to measure what not computing them saves. Shapes: "small" (the test model) and "bert_base" (BERT-base FFN: d_model 768, d_ff 3072, 4 experts,
-12 MoE layers; few steps). Step times are medians of barrier-to-barrier wall time per optimizer step.
-Exchange bytes come from DeepSpeed's comms logger: what each rank's collectives actually sent (the
-input tensor of each all-gather / all-reduce). The dense figure is what each rank would send to
-all-gather its local experts' dense projectors instead.
+Shapes (FFN experts, top-1, 4 experts, ZeRO-2, s = 5):
+- "small": the test model (d_model 32, d_ff 64, 2 layers, 128 tokens per rank);
+- "minilm_realistic": MiniLM's FFN (d 384, ff 1536), 6 layers, 4096 tokens per rank (32 × 128);
+- "bert_base_realistic": BERT-base's FFN (d 768, ff 3072), 4096 tokens per rank, 2 of its 12 layers
+  (the per-layer costs are reported: a full 12-layer run does not fit this machine's time budget);
+- "bert_base": BERT-base FFN, all 12 layers, 128 tokens per rank (the figure of earlier READMEs).
+Each shape runs AdamW, then OMoE with the projector state of a fresh run (t = 0 O steps) and of a long
+one (t = 200, by default): the long state is built before timing by 200 RLS updates from random window
+means, the updates a run would have made. The top-level OMoE keys are the longest state's; `by_o_steps`
+holds each. Step times are medians of barrier-to-barrier wall time per optimizer step. Exchange bytes
+come from DeepSpeed's comms logger (what each rank's collectives sent); the dense figure is what each rank
+would send to all-gather its local experts' dense projectors instead. Each engine is destroyed before the
+next is built, and DeepSpeed's /dev/shm all-reduce buffers of the launch are removed after it.
 """
 import argparse
+import gc
+import glob
 import json
 import os
 import socket
@@ -22,12 +32,18 @@ import time
 
 SHAPES = {
     "small": dict(d_in=16, d_model=32, d_ff=64, num_layers=2, num_experts=4, seq_len=8, steps=81, micro_batch=16),
+    "minilm_realistic": dict(d_in=32, d_model=384, d_ff=1536, num_layers=6, num_experts=4, seq_len=128, steps=11,
+                             micro_batch=32),
+    "bert_base_realistic": dict(d_in=32, d_model=768, d_ff=3072, num_layers=2, num_experts=4, seq_len=128, steps=11,
+                                micro_batch=32),
     "bert_base": dict(d_in=32, d_model=768, d_ff=3072, num_layers=12, num_experts=4, seq_len=16, steps=11, micro_batch=8),
 }
+DEFAULT_SHAPES = ["small", "minilm_realistic", "bert_base_realistic"]
 SKIP_STEP = 5
 
 
-def launch_self(args):
+def launch_self(script, worker_args):
+    """Run `script --worker-out FILE worker_args` on 2 CPU ranks; print the JSON rank 0 wrote."""
     # Not environment.free_local_port: importing omoe_ds imports deepspeed, which logs to stdout before our JSON.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,111 +51,186 @@ def launch_self(args):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-               os.path.abspath(__file__), "--worker-out", out, "--shapes", *args.shapes]
+               os.path.abspath(script), "--worker-out", out, *worker_args]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         env.setdefault("DS_ACCELERATOR", "cpu")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        finally:  # DeepSpeed 0.19.8's CPU shm all-reduce never unlinks its buffers (see studies/sweep.py)
+            for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+                os.remove(path)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
             sys.exit(proc.returncode)
         print(open(out).read())
 
 
+def preapply_o_steps(omoe, o_steps: int, seed: int = 0) -> None:
+    """Give every projector the state of `o_steps` O steps: RLS updates from random window means, each
+    expert's factor from its own P_j (kept here for every expert, local or not), applied through the store
+    exactly as the exchange applies them. Same seed on every rank: every rank holds the same factors."""
+    import torch
+    from omoe_ds.core import projector
+    g = torch.Generator().manual_seed(seed)
+    for L, layer in enumerate(omoe.layers):
+        for s, stream in enumerate(layer.streams):
+            store, M, n = omoe.projectors[L][s], layer.num_experts, stream.n
+            V = torch.zeros(M, n, 0, dtype=projector.PROJECTOR_DTYPE)
+            for t in range(o_steps):
+                alpha = omoe.alpha((t + 1) * omoe.config.skip_step)
+                means = [projector.augmented_mean(torch.randn(stream.d_in, generator=g), 1.0, stream.has_bias)
+                         for _ in range(M)]
+                U = torch.stack([projector.rls_factor_from(x - V[j] @ (V[j].T @ x), x, alpha)
+                                 for j, x in enumerate(means)])  # [M, n]
+                store.apply_factors_(U)
+                V = torch.cat([V, U.unsqueeze(-1)], dim=2)
+            omoe.o_steps_done = o_steps
+
+
+def time_steps(engine, x, y, steps, micro_batch, world, enabled):
+    """Wall time of each optimizer step, its kind, and the O steps' exchange and projection seconds."""
+    import deepspeed.comm as dist
+    from omoe_ds.finetune.small_job import micro_batches
+    times, kinds, exchange_s, projection_s = [], [], [], []
+    for step in range(steps):
+        xb, yb = next(micro_batches(x, y, step, micro_batch * world, 1))
+        dist.barrier()
+        start = time.perf_counter()
+        if enabled:
+            engine.omoe.projection_seconds[0] = 0.0
+        engine.backward(engine(xb, yb))
+        engine.step()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+        is_o = enabled and engine.omoe.config.is_o_step(step)
+        kinds.append("O" if is_o else "R")
+        if is_o:
+            exchange_s.append(engine.omoe.exchange_seconds)
+            projection_s.append(engine.omoe.projection_seconds[0])
+    timed = list(zip(times, kinds))[1:]  # step 0 pays one-off allocation costs
+    return ([t for t, k in timed if k == "R"], [t for t, k in timed if k == "O"], exchange_s, projection_s)
+
+
+def build_engine(spec, micro_batch, omoe_config):
+    import torch
+    import omoe_ds
+    from omoe_ds.core import collectives
+    from omoe_ds.finetune.small_moe import SmallMoEClassifier
+    torch.manual_seed(0)
+    model = SmallMoEClassifier(spec, ep_size=2)
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "steps_per_print": 10 ** 9,
+              "zero_optimization": {"stage": 2},
+              "comms_logger": {"enabled": True, "prof_all": False, "verbose": False,
+                               "prof_ops": list(collectives.O_STEP_LOGS)},
+              "omoe": omoe_config}
+    engine, *_ = omoe_ds.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                    config=config)
+    return engine
+
+
+def free_engine(engine) -> None:
+    engine.destroy()
+    del engine
+    gc.collect()
+
+
+def stream_report(engine):
+    """Per (layer, stream): storage form, O steps held, bytes, and the projection side where reported."""
+    return [{k: r[k] for k in ("layer", "stream", "form", "o_steps", "bytes", "dense_bytes", "side") if k in r}
+            for r in engine.omoe.storage_report()]
+
+
+def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_extra=None, freeze=True):
+    """OMoE's step times and bytes with the projectors first advanced by `o_steps_before` O steps."""
+    from deepspeed.comm.comm import comms_logger
+    from omoe_ds.core import collectives
+    engine = build_engine(spec, micro_batch, {"enabled": True, "skip_step": SKIP_STEP, **(omoe_extra or {})})
+    engine.omoe.freeze_dense_in_o_steps = freeze
+    preapply_o_steps(engine.omoe, o_steps_before)
+    comms_logger.comms_dict.clear()
+    r_times, o_times, exchange_s, projection_s = time_steps(engine, x, y, steps, micro_batch, world, True)
+    logged = comms_logger.comms_dict
+    bytes_of = lambda name: sum(size * rec[0] for size, rec in logged.get(name, {}).items())  # noqa: E731
+    layer_n = [spec.d_model + 1, spec.d_ff + 1]
+    streams = stream_report(engine)
+    result = {
+        "o_steps_before": o_steps_before, "r_step_s": statistics.median(r_times), "o_step_s": statistics.median(o_times),
+        "o_steps_timed": len(o_times),
+        "o_step_projector_update_and_exchange_s": statistics.median(exchange_s),
+        "o_step_grad_projection_s": statistics.median(projection_s),
+        "exchange_bytes_per_o_step": sum(bytes_of(n) for n in collectives.O_STEP_LOGS) / len(o_times),
+        # per rank sent: its E_local dense n×n projectors per weight, were they all-gathered instead
+        "dense_allgather_bytes_per_o_step": 4 * spec.num_layers * (spec.num_experts // 2) * sum(n * n for n in layer_n),
+        # measured on the store (core/projector_state.py), after the timed O steps
+        "projector_bytes_per_rank": sum(r["bytes"] for r in streams),
+        "dense_projector_bytes_per_rank": sum(r["dense_bytes"] for r in streams),
+        "projector_storage": sorted({r["form"] for r in streams}),
+        "streams": streams,
+    }
+    free_engine(engine)
+    return result
+
+
 def worker(args):
     import deepspeed
     import deepspeed.comm as dist
     import torch
-    from deepspeed.comm.comm import comms_logger
-
-    import omoe_ds
-    from omoe_ds.core import collectives
-    from omoe_ds.finetune.small_job import micro_batches
-    from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
+    from omoe_ds.finetune.small_moe import SmallMoESpec, make_task
 
     deepspeed.init_distributed()
     world = dist.get_world_size()
     report = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
                          f"{world} ranks x OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
-              "ep_size": 2, "skip_step": SKIP_STEP}
+              "ep_size": 2, "skip_step": SKIP_STEP, "zero_stage": 2}
     for shape_name in args.shapes:
         shape = dict(SHAPES[shape_name])
         steps, micro_batch = shape.pop("steps"), shape.pop("micro_batch")
         spec = SmallMoESpec(num_classes=6, **shape)
         x, y = make_task(spec, micro_batch * world * steps, seed=0)
-        result = {"shapes": {**shape, "micro_batch_per_rank": micro_batch, "timed_steps": steps}}
-        # "omoe_no_freeze": dense weight gradients still computed (and discarded) in O steps, to measure the saving.
-        for variant in ("adamw", "omoe", "omoe_no_freeze"):
-            enabled = variant != "adamw"
-            torch.manual_seed(0)
-            model = SmallMoEClassifier(spec, ep_size=2)
-            config = {"train_micro_batch_size_per_gpu": micro_batch, "steps_per_print": 10 ** 9,
-                      "zero_optimization": {"stage": 2},
-                      "comms_logger": {"enabled": True, "prof_all": False, "verbose": False,
-                                       "prof_ops": list(collectives.O_STEP_LOGS)},
-                      "omoe": {"enabled": enabled, "skip_step": SKIP_STEP}}
-            engine, *_ = omoe_ds.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                            config=config)
-            if variant == "omoe_no_freeze":
-                engine.omoe.freeze_dense_in_o_steps = False
-            comms_logger.comms_dict.clear()
-            times, kinds, exchange_s, projection_s = [], [], [], []
-            for step in range(steps):
-                xb, yb = next(micro_batches(x, y, step, micro_batch * world, 1))
-                dist.barrier()
-                start = time.perf_counter()
-                if enabled:
-                    engine.omoe.projection_seconds[0] = 0.0
-                engine.backward(engine(xb, yb))
-                engine.step()
-                dist.barrier()
-                times.append(time.perf_counter() - start)
-                is_o = enabled and engine.omoe.config.is_o_step(step)
-                kinds.append("O" if is_o else "R")
-                if is_o:
-                    exchange_s.append(engine.omoe.exchange_seconds)
-                    projection_s.append(engine.omoe.projection_seconds[0])
-            timed = list(zip(times, kinds))[1:]  # step 0 pays one-off allocation costs
-            r_times = [t for t, k in timed if k == "R"]
-            if not enabled:
-                result["adamw_step_s"] = statistics.median(r_times)
-                result["adamw_mean_step_s"] = statistics.mean(r_times)
-                continue
-            o_times = [t for t, k in timed if k == "O"]
-            if variant == "omoe_no_freeze":
-                result["o_step_s_without_dense_freeze"] = statistics.median(o_times)
-                result["o_step_saved_by_dense_freeze_s"] = result["o_step_s_without_dense_freeze"] - result["o_step_s"]
-                continue
-            n_o = len(o_times)
-            logged = comms_logger.comms_dict
-            bytes_of = lambda name: sum(size * rec[0] for size, rec in logged.get(name, {}).items())  # noqa: E731
-            layer_n = [spec.d_model + 1, spec.d_ff + 1]
-            r_step = statistics.median(r_times)
-            o_step = statistics.median(o_times)
-            cycle_omoe = ((SKIP_STEP - 1) * r_step + o_step) / SKIP_STEP
-            result.update({
-                "r_step_s": r_step, "o_step_s": o_step, "o_steps_timed": n_o,
-                "o_step_projector_update_and_exchange_s": statistics.median(exchange_s),
-                "o_step_grad_projection_s": statistics.median(projection_s),
-                "throughput_ratio_omoe_over_adamw": result["adamw_step_s"] / cycle_omoe,
-                "exchange_bytes_per_o_step": sum(bytes_of(n) for n in collectives.O_STEP_LOGS) / n_o,
-                # per rank sent, like the logged factor bytes: its E_local dense n×n projectors per weight
-                "dense_allgather_bytes_per_o_step": 4 * spec.num_layers * (spec.num_experts // 2) * sum(n * n for n in layer_n),
-                "projector_bytes_per_rank": 4 * spec.num_layers * (spec.num_experts // 2 + 1) * sum(n * n for n in layer_n),
-            })
-            result["dense_over_factor_bytes"] = result["dense_allgather_bytes_per_o_step"] / result["exchange_bytes_per_o_step"]
+        started = time.perf_counter()
+        result = {"shapes": {**shape, "tokens_per_rank": micro_batch * spec.seq_len, "micro_batch_per_rank": micro_batch,
+                             "timed_steps": steps - 1}}
+        engine = build_engine(spec, micro_batch, {"enabled": False})
+        r_times, *_ = time_steps(engine, x, y, steps, micro_batch, world, False)
+        free_engine(engine)
+        result["adamw_step_s"] = statistics.median(r_times)
+        by_t = {}
+        for t in args.o_steps_before:
+            by_t[str(t)] = one = measure_omoe(spec, x, y, steps, micro_batch, world, t)
+            cycle = ((SKIP_STEP - 1) * one["r_step_s"] + one["o_step_s"]) / SKIP_STEP
+            one["throughput_ratio_omoe_over_adamw"] = result["adamw_step_s"] / cycle
+            one["r_step_over_adamw"] = one["r_step_s"] / result["adamw_step_s"]
+            one["o_step_extra_s_per_layer"] = (one["o_step_s"] - one["r_step_s"]) / spec.num_layers
+            one["dense_over_factor_bytes"] = one["dense_allgather_bytes_per_o_step"] / one["exchange_bytes_per_o_step"]
+        longest = by_t[str(max(args.o_steps_before))]
+        result.update({k: v for k, v in longest.items() if k != "streams"})
+        result["by_o_steps"] = by_t
+        if shape_name == "small":  # dense weight gradients computed and discarded in O steps: what freezing saves
+            unfrozen = measure_omoe(spec, x, y, steps, micro_batch, world, 0, freeze=False)
+            result["o_step_s_without_dense_freeze"] = unfrozen["o_step_s"]
+            result["o_step_saved_by_dense_freeze_s"] = unfrozen["o_step_s"] - by_t[str(min(args.o_steps_before))]["o_step_s"]
+        result["bench_seconds"] = time.perf_counter() - started
         report[shape_name] = result
     if dist.get_rank() == 0:
         with open(args.worker_out, "w") as f:
             json.dump(report, f, indent=1)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small", "bert_base"])
+def cli(script, parser, worker, forwarded):
+    """As a launched rank (--worker-out), run worker(args); else launch `script` on 2 ranks with forwarded(args)."""
     parser.add_argument("--worker-out", default=None)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     if args.worker_out:
         worker(args)
     else:
-        launch_self(args)
+        launch_self(script, forwarded(args))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=DEFAULT_SHAPES)
+    parser.add_argument("--o-steps-before", nargs="+", type=int, default=[0, 200],
+                        help="projector states to time: O steps applied before timing (default 0 200)")
+    cli(__file__, parser, worker,
+        lambda args: ["--shapes", *args.shapes, "--o-steps-before", *map(str, args.o_steps_before)])
