@@ -8,7 +8,7 @@ if __package__ in (None, ""):  # run as a file: import as the omoe_ds package, n
     if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
         sys.path[0] = os.path.dirname(_here)
 
-from omoe_ds.finetune.small_job import main  # noqa: E402
+from omoe_ds.finetune.small_job import cli  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -216,8 +216,15 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump({"spec": spec.__dict__, "ep_size": args.ep_size, "world_size": world, "runs": results}, f,
                           indent=2)
+
+
+
+def cli(argv=None):
+    """The command: the job, then every rank leaves the process group together (collectives.shutdown).
+    main() alone leaves the group up for callers that go on using it."""
+    main(argv)
     collectives.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -520,8 +520,15 @@ def main(argv=None):
         summary = {s: final[s].get(spec.primary_metric) for s in final}
         print(f"[omoe_ds.train] {args.task} {args.optimizer}: {spec.primary_metric} {summary}, "
               f"{train_seconds:.0f}s -> {args.output_dir}/results.json")
+
+
+
+def cli(argv=None):
+    """The command: the job, then every rank leaves the process group together (collectives.shutdown).
+    main() alone leaves the group up for callers that go on using it."""
+    main(argv)
     collectives.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    cli()
