@@ -49,7 +49,6 @@ SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
 def remove_deepspeed_shm_buffers():
     """DeepSpeed 0.19.8's CPU shm all-reduce leaves a 69 MB /dev/shm file per rank and launch, named by the
     master port; every launch here takes a fresh port, so without this a full run holds gigabytes of RAM."""
-    import glob
     before = set(glob.glob(SHM_BUFFERS))
     yield
     created = set(glob.glob(SHM_BUFFERS)) - before
@@ -64,10 +63,13 @@ def remove_deepspeed_shm_buffers():
 def mapped_files(paths) -> set:
     """Those of `paths` some live process has mapped (/proc/<pid>/maps)."""
     mapped = set()
+    if not paths:  # most tests launch nothing: no need to read every process's maps
+        return mapped
     for maps in glob.glob("/proc/[0-9]*/maps"):
         try:
             with open(maps) as f:
-                mapped.update(path for path in paths if path in f.read())
+                text = f.read()
         except OSError:  # the process ended, or is not ours to read
             continue
+        mapped.update(path for path in paths if path in text)
     return mapped
