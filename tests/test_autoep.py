@@ -1,7 +1,6 @@
 """OMoE through DeepSpeed AutoEP (tiny random Mixtral and Qwen3-MoE, w1/w3/w2 experts) at ZeRO-2 and ZeRO-3:
 one 2-rank (EP = 2) and one 1-rank (EP = 1) launch of tests/autoep_worker.py, and the refusals, in-process."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ sys.path.insert(0, HERE)
 from autoep_worker import CASES, FAMILIES, STEPS  # noqa: E402
 from layouts_worker import HF_CONFIGS  # noqa: E402
 from test_layouts import merged, reports  # noqa: E402  (the run files have the same layout)
+import launching  # noqa: E402
 
 pytestmark = [pytest.mark.autoep]
 ULP = 2.0 ** -23  # fp32 spacing at 1
@@ -36,8 +36,8 @@ def launch(num_ranks: int, out_dir) -> None:
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", str(num_ranks), "--master_port", str(free_local_port()),
            os.path.join(HERE, "autoep_worker.py"), "--out", str(out_dir)]
-    proc = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=1200)
+    proc = launching.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+                         timeout=1200)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
 
 

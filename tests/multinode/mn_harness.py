@@ -313,6 +313,8 @@ class Cluster:
         """What pdsh/OpenMPI/MPICH/Slurm export to the remote ranks (DeepSpeed reads DS_ENV_FILE)."""
         values = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
                   "PATH": self.path(venv), **(extra or {})}
+        if "TORCH_EXTENSIONS_DIR" in os.environ:  # the ops setup.sh built (launch/env.sh)
+            values.setdefault("TORCH_EXTENSIONS_DIR", os.environ["TORCH_EXTENSIONS_DIR"])
         path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         return path
 
