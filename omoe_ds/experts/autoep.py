@@ -61,6 +61,14 @@ class AutoEPLayer(ExpertLayer):
     def matrix_shapes(self) -> List[List[int]]:
         return [list(_shape(p)[1:]) for p in self.expert_parameters()]
 
+    routes_padding = True
+
+    def watch_routing(self, callback) -> list:
+        def after_router(router, inputs, output):
+            tokens = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            callback(tokens, output[1].reshape(tokens.shape[0], -1).to(torch.int64))  # selected_experts [T, k]
+        return [self.module.router.register_forward_hook(after_router)]
+
     def matrices(self, local: int) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         e = self.experts
         return {"gate": (e.w1[local], None), "up": (e.w3[local], None), "down": (e.w2[local], None)}

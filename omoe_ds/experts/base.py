@@ -76,6 +76,7 @@ class ExpertLayer:
 
     layout = "?"                    # the adapter's name, for messages and checkpoint meta
     deepspeed_expert_files = False  # DeepSpeed saves the experts in per-expert files (its native MoE layer)
+    routes_padding = False          # the router routes padding tokens too: a routing watcher must mask them
     matrix_names: Tuple[str, ...] = ()
     matrix_streams: Tuple[int, ...] = ()
 
@@ -101,6 +102,11 @@ class ExpertLayer:
 
     def expert_forward(self, local: int, tokens: torch.Tensor) -> torch.Tensor:
         """Local expert `local` applied to tokens [T, d] (no routing weight), for the diversity figures."""
+        raise NotImplementedError
+
+    def watch_routing(self, callback: Callable[[torch.Tensor, torch.Tensor], None]) -> list:
+        """Hooks calling callback(tokens [S, d], experts [S, k] global ids, −1 for no route) on every forward's
+        routed tokens, for the diversity figures' load counter and token sample; returns removable handles."""
         raise NotImplementedError
 
     def attach_projection(self, view: ProjectorView, is_active: Callable[[], bool], timer: list) -> list:

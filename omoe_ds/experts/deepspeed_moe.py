@@ -75,6 +75,17 @@ class DeepSpeedMoELayer(ExpertLayer):
     def expert_parameters(self) -> List[nn.Parameter]:
         return [p for per_expert in self.linears for linear in per_expert for p in linear.parameters()]
 
+    def watch_routing(self, callback) -> list:
+        def after_gate(gate, inputs, output):
+            tokens = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            experts = output[3].to(torch.int64).T  # [S, k]: −1 where dropped or masked
+            used = inputs[1] if len(inputs) > 1 else None
+            if used is not None:
+                keep = used.reshape(-1) > 0
+                tokens, experts = tokens[keep], experts[keep]
+            callback(tokens, experts)
+        return [self.gate.register_forward_hook(after_gate)]
+
     def matrices(self, local: int) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         return {name: (linear.weight, linear.bias) for name, linear in zip(self.matrix_names, self.linears[local])}
 

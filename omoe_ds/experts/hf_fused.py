@@ -60,6 +60,16 @@ class HFFusedExpertsLayer(ExpertLayer):
     def expert_parameters(self) -> List[nn.Parameter]:
         return [self.module.gate_up_proj, self.module.down_proj]
 
+    routes_padding = True
+
+    def watch_routing(self, callback) -> list:
+        def before_experts(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            tokens = hidden.detach().reshape(-1, hidden.shape[-1])
+            callback(tokens, index.reshape(tokens.shape[0], -1).to(torch.int64))
+        return [self.module.register_forward_pre_hook(before_experts, with_kwargs=True)]
+
     def matrices(self, local: int) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         gate_up = self.module.gate_up_proj[local]
         return {"gate": (gate_up[:self.ff], None), "up": (gate_up[self.ff:], None),

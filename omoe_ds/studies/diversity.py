@@ -15,6 +15,7 @@ time, all-gathered from the [E_local, chunk] rows of the EP group, so memory sta
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import defaultdict
@@ -124,20 +125,37 @@ def expert_diversity(layers: List[ExpertLayer], threshold: float = DEFAULT_THRES
     overall: Dict[str, Dict[str, _Mean]] = {}
     overall_outputs = _Mean()
     for layer in layers:
-        figures = {}
-        for name in layer.matrix_names:
-            differing, variance = _weight_figures(layer, name, threshold, chunk)
-            overall.setdefault(name, {"differing": _Mean(), "variance": _Mean()})
-            overall[name]["differing"].merge(differing)
-            overall[name]["variance"].merge(variance)
-            figures[name] = {"percent_differing": 100 * differing.value, "param_variance": variance.value}
-        tokens = _shared_tokens(layer, inputs[layer.index]) if inputs is not None else None
-        if tokens is not None and tokens.shape[0]:
-            outputs = _output_variance(layer, tokens, chunk)
-            overall_outputs.merge(outputs)
-            figures["output_variance"] = outputs.value
+        with _gathered(layer):
+            figures = _layer_figures(layer, threshold, inputs, chunk, overall, overall_outputs)
         per_layer.append(figures)
     return {"layers": per_layer, "overall": _overall(overall, overall_outputs)}
+
+
+def _gathered(layer: ExpertLayer):
+    """ZeRO-3 keeps a shard of each expert parameter outside the forward: gather this layer's while it is read."""
+    partitioned = [p for p in layer.expert_parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+def _layer_figures(layer: ExpertLayer, threshold: float, inputs, chunk: int, overall: dict,
+                   overall_outputs: _Mean) -> dict:
+    """One layer's figures; adds its sums to the overall ones."""
+    figures = {}
+    for name in layer.matrix_names:
+        differing, variance = _weight_figures(layer, name, threshold, chunk)
+        overall.setdefault(name, {"differing": _Mean(), "variance": _Mean()})
+        overall[name]["differing"].merge(differing)
+        overall[name]["variance"].merge(variance)
+        figures[name] = {"percent_differing": 100 * differing.value, "param_variance": variance.value}
+    tokens = _shared_tokens(layer, inputs[layer.index]) if inputs is not None else None
+    if tokens is not None and tokens.shape[0]:
+        outputs = _output_variance(layer, tokens, chunk)
+        overall_outputs.merge(outputs)
+        figures["output_variance"] = outputs.value
+    return figures
 
 
 def _overall(per_weight: Dict[str, Dict[str, _Mean]], outputs: _Mean) -> dict:
@@ -225,26 +243,49 @@ def diverse_degree(run_a: Dict[str, torch.Tensor], run_b: Dict[str, torch.Tensor
     return {"layers": [per_layer[layer] for layer in sorted(per_layer)], "overall": overall.value}
 
 
-class LayerInputSample:
-    """Keeps the first max_tokens token vectors each MoE gate sees while enabled (padding skipped): the
-    common input expert_diversity runs every expert on."""
+class _RoutingWatch:
+    """Each layer's routed real tokens: `layer.watch_routing`, with padding masked out by the model forward's
+    attention_mask where the layout's router routes padding too (transformers' and AutoEP's)."""
 
-    def __init__(self, layers: List[ExpertLayer], max_tokens: int = 256):
+    def __init__(self, layers: List[ExpertLayer], model: Optional[torch.nn.Module], on_route):
+        self._mask = None
+        self._handles = []
+        if model is not None and any(layer.routes_padding for layer in layers):
+            self._handles.append(model.register_forward_pre_hook(self._keep_mask, with_kwargs=True))
+        for i, layer in enumerate(layers):
+            self._handles += layer.watch_routing(self._make_callback(i, layer, on_route))
+
+    def _keep_mask(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _make_callback(self, index: int, layer: ExpertLayer, on_route):
+        def route(tokens, experts):
+            if layer.routes_padding and self._mask is not None and self._mask.numel() == tokens.shape[0]:
+                used = self._mask.reshape(-1).to(tokens.device) != 0
+                tokens, experts = tokens[used], experts[used]
+            on_route(index, tokens, experts)
+        return route
+
+    def remove(self) -> None:
+        self._watch.remove()
+
+
+class LayerInputSample:
+    """Keeps the first max_tokens token vectors each MoE layer routes while enabled (padding skipped): the
+    common input expert_diversity runs every expert on. model: the module whose forward gets the
+    attention_mask, needed for layouts that route padding."""
+
+    def __init__(self, layers: List[ExpertLayer], model: Optional[torch.nn.Module] = None, max_tokens: int = 256):
         self.max_tokens = max_tokens
         self.enabled = False
         self.tokens: List[List[torch.Tensor]] = [[] for _ in layers]
-        self._handles = [layer.gate.register_forward_pre_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
+        self._watch = _RoutingWatch(layers, model, self._keep)
 
-    def _make_hook(self, index: int):
-        def keep(gate, args):
-            room = self.max_tokens - sum(len(t) for t in self.tokens[index])
-            if not self.enabled or room <= 0:
-                return
-            tokens, used_token = args[0], args[1] if len(args) > 1 else None
-            if used_token is not None:
-                tokens = tokens[used_token.reshape(-1) > 0]
-            self.tokens[index].append(tokens[:room].detach().clone())
-        return keep
+    def _keep(self, index: int, tokens: torch.Tensor, experts: torch.Tensor) -> None:
+        room = self.max_tokens - sum(len(t) for t in self.tokens[index])
+        if self.enabled and room > 0:
+            self.tokens[index].append(tokens[:room].clone())
 
     def take(self) -> List[torch.Tensor]:
         """Per layer, the kept tokens [T, d_model] (T may be 0); the sample starts empty again."""
@@ -253,26 +294,22 @@ class LayerInputSample:
         return taken
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self._watch.remove()
 
 
 class ExpertLoadCounter:
-    """Counts the tokens each gate sends to each expert while enabled; summed over all ranks on read."""
+    """Counts the tokens each layer's router sends to each expert while enabled; summed over all ranks on read."""
 
-    def __init__(self, layers: List[ExpertLayer]):
+    def __init__(self, layers: List[ExpertLayer], model: Optional[torch.nn.Module] = None):
         self.layers = layers
         self.enabled = False
         self.counts = [torch.zeros(layer.num_experts, dtype=torch.float64) for layer in layers]
-        self._handles = [layer.gate.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
+        self._watch = _RoutingWatch(layers, model, self._count)
 
-    def _make_hook(self, index: int):
-        def count(gate, inputs, output):
-            if self.enabled:
-                indices = output[3]
-                routed = indices[indices >= 0].to(torch.int64)
-                self.counts[index] += torch.bincount(routed, minlength=self.layers[index].num_experts).double().cpu()
-        return count
+    def _count(self, index: int, tokens: torch.Tensor, experts: torch.Tensor) -> None:
+        if self.enabled:
+            routed = experts[experts >= 0]
+            self.counts[index] += torch.bincount(routed, minlength=self.layers[index].num_experts).double().cpu()
 
     def reset(self) -> None:
         for c in self.counts:
@@ -289,5 +326,4 @@ class ExpertLoadCounter:
         return result
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self._watch.remove()
