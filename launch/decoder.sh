@@ -8,7 +8,7 @@
 # small. A sequence-classification head on TREC. 2 ranks, the experts sharded by DeepSpeed AutoEP (EP=2) under
 # ZeRO-3 (ds_configs/finetune_autoep_zero3.json), through the deepspeed launcher (gloo on CPU): once with AdamW,
 # once with OMoE over AdamW, same seed and budget; then a side-by-side table. Default budget: MAX_STEPS steps of
-# 16 questions, max length 24, lr 5e-5 with warmup + linear decay. Override with TASK=, MAX_STEPS=,
+# 16 questions, max length 24, lr 1e-4 with warmup + linear decay. Override with TASK=, MAX_STEPS=,
 # MOE_LAYERS=, MAX_LENGTH=, LR=, SEED=, NUM_RANKS=, EP_SIZE=, DS_CONFIG=.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,7 +22,7 @@ for optimizer in adamw omoe; do
     --model smollm2-135m --task "$TASK" --experts 4 --moe-layers "${MOE_LAYERS:-0,5,10,15,20,25}" \
     --expert-parallel autoep --ep-size "${EP_SIZE:-2}" --optimizer "$optimizer" \
     --deepspeed_config "${DS_CONFIG:-ds_configs/finetune_autoep_zero3.json}" --max-steps "${MAX_STEPS:-60}" \
-    --max-length "${MAX_LENGTH:-24}" --eval-batch-size 64 --lr "${LR:-5e-5}" --seed "$SEED" --output-dir "$out" \
+    --max-length "${MAX_LENGTH:-24}" --eval-batch-size 64 --lr "${LR:-1e-4}" --seed "$SEED" --output-dir "$out" \
     --overwrite "$@"
   runs+=("$out")
 done

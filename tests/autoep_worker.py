@@ -41,7 +41,7 @@ SAVE_AT = 8           # after step 7, an R step of an open window
 # Adam amplifies a gradient difference by up to lr/eps where |g| ~ eps; plain DeepSpeed ZeRO-3 vs ZeRO-2 (Qwen3-MoE,
 # 12 steps) moves a near-zero-gradient weight by 1.6e-5 at eps 1e-8. At 1e-4 that factor is 100.
 EPS = 1e-4
-FAMILIES = {"mixtral": False, "qwen3_moe": True}  # use_grouped_mm: both of AutoEP's CPU expert paths
+FAMILIES = {"mixtral": False, "qwen3_moe": True, "deepseek_v3": True}  # use_grouped_mm: both of AutoEP's CPU expert paths
 CASES = [f"{family}_z{stage}" for family in FAMILIES for stage in (2, 3)]
 
 

@@ -1,4 +1,4 @@
-"""OMoE through DeepSpeed AutoEP (tiny random Mixtral and Qwen3-MoE, w1/w3/w2 experts) at ZeRO-2 and ZeRO-3:
+"""OMoE through DeepSpeed AutoEP (tiny random Mixtral, Qwen3-MoE and DeepSeek-V3, w1/w3/w2 experts) at ZeRO-2 and ZeRO-3:
 one 2-rank (EP = 2) and one 1-rank (EP = 1) launch of tests/autoep_worker.py, and the refusals, in-process."""
 import os
 import sys

@@ -15,6 +15,7 @@ from omoe_ds.finetune import models
 from omoe_ds.finetune.train import main
 from omoe_ds.finetune.upcycle import UpcycleConfig, upcycle_to_mixtral
 from omoe_ds.studies.diversity import ExpertLoadCounter, LayerInputSample
+from tiny_job import write_instructions
 
 pytestmark = pytest.mark.decoder
 # The upcycled model runs gate and up as one fused product and sums the top-k copies (weights renormalised to
@@ -130,4 +131,62 @@ def test_decoder_job_refusals_before_any_compute(smollm2, tiny_data, tmp_path, f
     with pytest.raises(OMoEConfigError, match=match):
         main(["--task", "csv", "--data-dir", tiny_data, "--text-cols", "text", "--label-col", "label",
               "--output-dir", str(tmp_path / "out"), *flags])
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ---- causal LM fine-tuning: the data, the targets, the perplexity
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory):
+    return write_instructions(tmp_path_factory.mktemp("instructions"))
+
+
+def test_instruction_data_trains_on_the_response_and_eos_only(smollm2, instructions):
+    from omoe_ds.finetune.features import IGNORE_INDEX, encode_task
+    from omoe_ds.finetune.tasks import load_task
+    _, _, tokenizer, _ = smollm2
+    spec, raw = load_task("json", instructions)
+    assert spec.head == "causal_lm" and spec.primary_metric == "perplexity"
+    encoded = encode_task(spec, raw, tokenizer, 32)
+    row = encoded["train"][3]
+    prompt = tokenizer(raw["train"][3]["prompt"]).input_ids
+    response = tokenizer(" 4.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    n = len(prompt) + len(response)
+    assert row["input_ids"][:n].tolist() == prompt + response
+    assert row["labels"].tolist() == [IGNORE_INDEX] * len(prompt) + response + [IGNORE_INDEX] * (32 - n)
+    assert row["attention_mask"].tolist() == [1] * n + [0] * (32 - n)
+    with pytest.raises(OMoEConfigError, match=r"40 of the 40 train rows keep no response token within "
+                                              r"--max-length=4.*raise --max-length"):
+        encode_task(spec, raw, tokenizer, 4)
+
+
+def test_lm_perplexity_is_the_models_own_loss(smollm2, instructions):
+    """evaluate_lm on one batch: exp of the HF model's mean next-token loss over the same target tokens."""
+    from omoe_ds.finetune.features import encode_task
+    from omoe_ds.finetune.tasks import load_task
+    from omoe_ds.finetune.train import evaluate_lm
+    _, model, tokenizer, _ = smollm2
+    spec, raw = load_task("json", instructions)
+    dev = encode_task(spec, raw, tokenizer, 32)["dev"]
+
+    class Engine:  # the module and the two mode switches evaluate_lm uses
+        module = model
+        def eval(self): model.eval()
+        def train(self): model.eval()  # keep the shared fixture in eval mode
+    got = evaluate_lm(Engine(), dev, batch_size=len(dev))
+    batch = dev[:]
+    with torch.no_grad():
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert got["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)  # fp32 sums of ~40 terms, one reduction order apart
+    assert got["perplexity"] == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--model", "minilm-l6"], r"causal LM fine-tuning, and --model minilm-l6 \(bert\) is not a decoder"),
+    (["--model", "smollm2-135m", "--head", "causal_lm", "--label-col", "response"], r"causal LM fine-tuning has no labels"),
+])
+def test_causal_lm_refusals(smollm2, instructions, tmp_path, flags, match):
+    with pytest.raises(OMoEConfigError, match=match):
+        main(["--task", "json", "--data-dir", instructions, "--output-dir", str(tmp_path / "out"), *flags])
     assert not os.path.exists(tmp_path / "out")

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from omoe_ds.core.environment import free_local_port
@@ -14,25 +15,27 @@ from omoe_ds.finetune import models
 from omoe_ds.finetune.train import ADAPTER_DIR
 from omoe_ds.lora.io import CONFIG_NAME, WEIGHTS_NAME
 import launching
+from tiny_job import write_instructions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.decoder, pytest.mark.distributed]
 MAX_LENGTH, MICRO = 16, 4
 
 
-def run_job(data, tmp_path, name, config_name, *flags):
+def run_job(data, tmp_path, name, config_name, *flags, task_flags=None, env=None):
     ds = json.load(open(os.path.join(ROOT, "ds_configs", config_name)))
     ds["train_micro_batch_size_per_gpu"] = MICRO
     if "omoe" in ds:
         ds["omoe"]["skip_step"] = 3
     config, out = tmp_path / f"{name}.json", tmp_path / name
     config.write_text(json.dumps(ds))
+    model = [] if "--model" in flags else ["--model", "smollm2-135m"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(free_local_port()), "--module", "omoe_ds.train", "--model", "smollm2-135m",
-           "--task", "csv", "--data-dir", data, "--text-cols", "text", "--label-col", "label",
+           "--master_port", str(free_local_port()), "--module", "omoe_ds.train", *model,
+           *(task_flags or ["--task", "csv", "--data-dir", data, "--text-cols", "text", "--label-col", "label"]),
            "--max-length", str(MAX_LENGTH), "--eval-batch-size", "16", "--output-dir", str(out),
            "--deepspeed_config", str(config), *flags]
-    proc = launching.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    proc = launching.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})},
                          timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return out, json.load(open(out / "results.json"))
@@ -71,3 +74,56 @@ def test_omoe_lora_on_smollm2_at_zero3(data, tmp_path):
     assert len(modules) == 30 * 7  # q, k, v, o, gate, up, down of every layer
     assert (out / ADAPTER_DIR / CONFIG_NAME).is_file() and (out / ADAPTER_DIR / WEIGHTS_NAME).is_file()
     assert np.isfinite(results["dev"]["accuracy"])
+
+
+def test_causal_lm_on_instructions_upcycled_through_autoep_at_zero3(data, tmp_path):
+    """Instruction JSONL (loss on the response): perplexity on dev and test, finite, falling, O steps taken."""
+    folder = write_instructions(tmp_path)
+    out, results = run_job(data, tmp_path, "lm_z3", "finetune_autoep_zero3.json", "--experts", "4", "--ep-size", "2",
+                           "--expert-parallel", "autoep", "--moe-layers", "0,1", "--max-steps", "6",
+                           "--eval-every", "3", "--lr", "1e-4", "--max-length", "32",
+                           task_flags=["--task", "json", "--data-dir", folder])
+    assert results["primary_metric"] == "perplexity" and results["o_steps"] == 1
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    ppl = [r["dev"]["perplexity"] for r in records]
+    assert len(ppl) == 2 and all(np.isfinite(ppl)) and ppl[1] < ppl[0]
+    tokenizer = AutoTokenizer.from_pretrained(models.smollm2_135m_path())
+    for split, rows in (("dev", range(8)), ("test", range(8, 16))):  # every response token and its EOS
+        assert results[split]["tokens"] == sum(len(tokenizer(f" {i + 1}.", add_special_tokens=False).input_ids) + 1
+                                               for i in rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer random llama with SmolLM2's tokenizer: the decoder job's paths in seconds."""
+    import transformers
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(models.smollm2_135m_path())
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+RESUME_STEPS = ["--experts", "4", "--ep-size", "2", "--expert-parallel", "autoep", "--max-steps", "8",
+                "--save-every", "4", "--eval-every", "4", "--keep-checkpoints", "0", "--lr", "1e-3"]
+
+
+def test_killed_decoder_job_resumes_bit_exact_under_autoep_zero3(data, tiny_llama_dir, tmp_path):
+    """Upcycled llama, AutoEP EP = 2, ZeRO-3, O steps at 3 and 6: a rank killed in step 6, then --resume from
+    the step-4 checkpoint, ends bit-identical to the run that was never interrupted."""
+    from omoe_ds.checkpoint.state import FAULT_ENV
+    from test_resume_job import final_state
+    from test_checkpoint import differences
+    model = ["--model", tiny_llama_dir]
+    whole, _ = run_job(data, tmp_path, "whole", "finetune_autoep_zero3.json", *model, *RESUME_STEPS)
+    flags = [*model, *RESUME_STEPS]
+    with pytest.raises(AssertionError):  # the killed launch fails
+        run_job(data, tmp_path, "cut", "finetune_autoep_zero3.json", *flags, env={FAULT_ENV: "kill_in_step:6:1"})
+    cut, results = run_job(data, tmp_path, "cut", "finetune_autoep_zero3.json", *flags, "--resume")
+    assert results["o_steps"] == 2
+    assert differences(final_state(cut, step=8), final_state(whole, step=8)) == []
+    assert results["dev"] == json.load(open(whole / "results.json"))["dev"]

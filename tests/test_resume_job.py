@@ -27,9 +27,9 @@ def ranks_left(out) -> list:
     return [line for line in ps.splitlines() if str(out) in line and "omoe_ds.train" in line]
 
 
-def final_state(out):
-    """Everything the step-12 checkpoint holds that must not depend on the interruption."""
-    tag_dir = out / "checkpoints" / "global_step12"
+def final_state(out, step=12):
+    """Everything the last checkpoint (step 12) holds that must not depend on the interruption."""
+    tag_dir = out / "checkpoints" / f"global_step{step}"
     state = {}
     for name in sorted(os.listdir(tag_dir)):
         if name.endswith(".pt"):
@@ -38,6 +38,7 @@ def final_state(out):
                 record = {k: record[k] for k in ("module", "lr_scheduler", "global_steps", "global_samples")}
             if isinstance(record, dict):
                 record.pop("ds_config", None)  # names the run's own output dir
+                record.pop("train_seconds", None)  # wall clock (ZeRO-3 keeps the client state per rank file)
             state[name] = record
     return state
 

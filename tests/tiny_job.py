@@ -1,5 +1,7 @@
 """Files for the tiny training-job tests (the fixtures in tests/conftest.py, test_train_job.py, test_adapter_job.py)."""
 import csv
+import json
+import os
 
 
 def write_csv(path, rows):
@@ -23,3 +25,12 @@ def save_tiny_bert(path, **config):
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def write_instructions(folder) -> str:
+    """train/dev/test jsonl of (prompt, response) rows, 40 / 8 / 8: what causal LM fine-tuning reads."""
+    rows = [{"prompt": f"Question {i}: what is {i} plus one?\nAnswer:", "response": f" {i + 1}."} for i in range(40)]
+    for name, part in (("train.jsonl", rows), ("dev.jsonl", rows[:8]), ("test.jsonl", rows[8:16])):
+        with open(os.path.join(folder, name), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in part)
+    return str(folder)

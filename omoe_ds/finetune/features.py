@@ -12,6 +12,7 @@ from typing import Dict, List
 import datasets
 import numpy as np
 
+from ..core.config import OMoEConfigError
 from . import metrics
 from .tasks import TaskSpec
 
@@ -56,6 +57,33 @@ def _encode_tokens(data: datasets.Dataset, tokenizer, max_length: int) -> datase
     return data.map(encode, batched=True, remove_columns=data.column_names)
 
 
+def _encode_causal_lm(data: datasets.Dataset, tokenizer, max_length: int) -> datasets.Dataset:
+    """prompt + response + EOS, truncated and padded to max_length; labels are the response and EOS tokens
+    (the model shifts them), IGNORE_INDEX on the prompt and the padding."""
+    def encode(batch):
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt, response in zip(batch["prompt"], batch["response"]):
+            prompt_ids = tokenizer(prompt).input_ids  # with the special tokens this tokenizer starts a text with
+            response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            ids = (prompt_ids + response_ids)[:max_length]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+            pad = max_length - len(ids)
+            out["input_ids"].append(ids + [tokenizer.pad_token_id] * pad)
+            out["attention_mask"].append([1] * len(ids) + [0] * pad)
+            out["labels"].append(labels + [IGNORE_INDEX] * pad)
+        return out
+    return data.map(encode, batched=True, remove_columns=data.column_names)
+
+
+def _check_targets(encoded: datasets.DatasetDict, max_length: int) -> None:
+    for split, data in encoded.items():
+        empty = sum(1 for labels in data["labels"] if all(label == IGNORE_INDEX for label in labels))
+        if empty:
+            raise OMoEConfigError(f"{empty} of the {len(data)} {split} rows keep no response token within "
+                                  f"--max-length={max_length} (the prompt fills it), so they give no loss: raise "
+                                  "--max-length or shorten those prompts")
+
+
 def _answer_token_span(answers: dict, offsets, sequence_ids) -> tuple:
     """Token (start, end) of the first gold answer, or (0, 0) — the [CLS] slot — when this window misses it."""
     if not answers["answer_start"]:
@@ -98,8 +126,12 @@ def encode_task(spec: TaskSpec, raw: datasets.DatasetDict, tokenizer, max_length
             return _encode_tokens(data, tokenizer, max_length)
         if spec.head == "question_answering":
             return _encode_qa(data, tokenizer, max_length)
+        if spec.head == "causal_lm":
+            return _encode_causal_lm(data, tokenizer, max_length)
         return _encode_sequences(data, tokenizer, max_length, regression=spec.head == "regression")
     encoded = datasets.DatasetDict({split: encode(data) for split, data in raw.items()})
+    if spec.head == "causal_lm":
+        _check_targets(encoded, max_length)
     for data in encoded.values():
         data.set_format("torch", columns=model_input_columns(data), output_all_columns=True)
     return encoded

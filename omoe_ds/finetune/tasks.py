@@ -21,14 +21,14 @@ import datasets
 
 from ..core.config import OMoEConfigError
 
-HEADS = ("sequence_classification", "regression", "token_classification", "question_answering")
+HEADS = ("sequence_classification", "regression", "token_classification", "question_answering", "causal_lm")
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     head: str                        # one of HEADS
-    num_labels: int                  # classes; 1 for regression; 2 for QA (start/end)
+    num_labels: int                  # classes; 1 for regression; 2 for QA (start/end); 0 for causal LM
     label_names: Tuple[str, ...]     # class / tag names in id order; () for regression and QA
     metric: str                      # key of metrics.compute
     primary_metric: str              # the metrics key to report first
@@ -431,6 +431,7 @@ GENERIC_TASKS = ("csv", "json", "parquet", "generic")
 TOKEN_COLUMNS = ("tokens", "words")        # default words column of token classification
 TAG_COLUMNS = ("ner_tags", "tags")         # default tags column when there is no "label"
 QA_COLUMNS = ("question", "context", "answers")
+LM_COLUMNS = ("prompt", "response")          # instruction data: the loss is on the response tokens only
 LIST_LIKE = re.compile(r"^\s*\[.*\]\s*$", re.S)
 
 
@@ -453,6 +454,8 @@ def _infer_head(train: datasets.Dataset, label_col: Optional[str], task: str) ->
     classification (or regression, which _generic_labels tells from the values)."""
     columns = train.column_names
     if label_col is None and "label" not in columns:
+        if set(LM_COLUMNS) <= set(columns):
+            return "causal_lm"
         if set(QA_COLUMNS) <= set(columns):
             return "question_answering"
         if any(c in columns for c in TAG_COLUMNS) and any(c in columns for c in TOKEN_COLUMNS):
@@ -727,12 +730,42 @@ def _local_qa(raw, task, text_cols, label_col) -> Tuple[TaskSpec, datasets.Datas
     return TaskSpec(task, "question_answering", 2, (), "squad", "exact_match"), raw
 
 
+def _local_causal_lm(raw, task, text_cols) -> Tuple[TaskSpec, datasets.DatasetDict]:
+    """Columns "prompt" and "response": instruction data (prompt, response), or one text column (--text-cols,
+    default "text") as the response of an empty prompt, for plain language modelling."""
+    columns = raw["train"].column_names
+    if text_cols and len(text_cols) == 2:
+        prompt_col, response_col = text_cols
+    elif text_cols and len(text_cols) == 1:
+        prompt_col, response_col = None, text_cols[0]
+    elif set(LM_COLUMNS) <= set(columns):
+        prompt_col, response_col = LM_COLUMNS
+    elif "text" in columns:
+        prompt_col, response_col = None, "text"
+    else:
+        raise OMoEConfigError(f"task {task!r}: causal LM fine-tuning reads the columns prompt and response, or one "
+                              f"text column; the train columns are {columns} (pass --text-cols)")
+    used = [c for c in (prompt_col, response_col) if c]
+    _require_columns(raw, used, task, "causal LM")
+    for column in used:
+        _check_text_column(raw, column, task, "causal LM fine-tuning")
+    raw = datasets.DatasetDict({split: datasets.Dataset.from_dict({
+        "prompt": list(data[prompt_col]) if prompt_col else [""] * len(data), "response": list(data[response_col])})
+        for split, data in raw.items()})
+    return TaskSpec(task, "causal_lm", 0, (), "perplexity", "perplexity"), raw
+
+
 def _load_generic(task, data_dir, text_cols, label_col, head, label_names) -> Tuple[TaskSpec, datasets.DatasetDict]:
     if data_dir is None:
         raise OMoEConfigError(f"task {task!r} reads local files: pass --data-dir with train and dev files")
     raw = read_local(data_dir, FORMATS.get(task, ALL_EXTENSIONS))
     text_cols, label_names = _column_list(text_cols), _column_list(label_names)
     inferred = head or _infer_head(raw["train"], label_col, task)
+    if inferred == "causal_lm":
+        if label_col or label_names:
+            raise OMoEConfigError(f"task {task!r}: causal LM fine-tuning has no labels; drop --label-col / "
+                                  "--label-names (the response is the target)")
+        return _local_causal_lm(raw, task, text_cols)
     if inferred == "question_answering":
         if label_names:
             raise OMoEConfigError(f"task {task!r}: --label-names names classes; question answering has none")

@@ -43,7 +43,7 @@ from ..experts import find_expert_layers
 from ..studies.diversity import (ExpertLoadCounter, LayerInputSample, diversity_events, expert_diversity,
                                  mean_param_variance, param_variance_by_layer)
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
-from .features import encode_task, evaluate_predictions, model_input_columns
+from .features import IGNORE_INDEX, encode_task, evaluate_predictions, model_input_columns
 from .models import MODEL_ALIASES, resolve_model_path
 from .tasks import HEADS, load_task
 from .upcycle import UPCYCLABLE_MODEL_TYPES, UpcycleConfig, check_upcyclable, upcycle_to_mixtral
@@ -68,7 +68,8 @@ LORA_DIVERSITY_BATCHES = 4  # dev batches the LoRA-expert similarity is measured
 HEAD_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
                 "regression": "AutoModelForSequenceClassification",
                 "token_classification": "AutoModelForTokenClassification",
-                "question_answering": "AutoModelForQuestionAnswering"}
+                "question_answering": "AutoModelForQuestionAnswering",
+                "causal_lm": "AutoModelForCausalLM"}
 
 
 def parse_args(argv=None):
@@ -222,12 +223,15 @@ def upcycle_config(args) -> UpcycleConfig:
     return UpcycleConfig(num_experts=args.experts, top_k=args.top_k, layers=layers, seed=args.seed)
 
 
-def check_model_args(args, config) -> None:
+def check_model_args(args, spec, config) -> None:
     """What --model's own config decides, read before any weight loads: encoder or decoder, upcycled or MoE."""
     model_type = getattr(config, "model_type", None)
+    decoder = model_type in UPCYCLABLE_MODEL_TYPES or is_moe_decoder(config)
+    if spec.head == "causal_lm" and not (decoder or getattr(config, "is_decoder", False)):
+        raise OMoEConfigError(f"task {spec.name!r} is causal LM fine-tuning, and --model {args.model} ({model_type}) is "
+                              "not a decoder; use a decoder such as --model smollm2-135m")
     if args.adapter is not None:
         return
-    decoder = model_type in UPCYCLABLE_MODEL_TYPES or is_moe_decoder(config)
     if args.expert_parallel == AUTOEP and not decoder:
         raise OMoEConfigError(f"--expert-parallel autoep with --model {args.model} ({model_type}): AutoEP shards the "
                               "experts of decoder MoE models (Mixtral, Qwen-MoE, DeepSeek, or a llama upcycled to "
@@ -344,6 +348,8 @@ def load_pretrained(spec, model_path: str):
         kwargs["label2id"] = {n: i for i, n in enumerate(spec.label_names)}
     if spec.head == "question_answering":
         kwargs = {"num_labels": 2}  # start/end logits, whatever head the checkpoint was saved with
+    if spec.head == "causal_lm":
+        return head_class.from_pretrained(model_path)  # the pretrained LM head itself
     # A checkpoint fine-tuned with another label count keeps its encoder and gets a fresh head.
     return head_class.from_pretrained(model_path, ignore_mismatched_sizes=True, **kwargs)
 
@@ -386,7 +392,35 @@ def predict(engine, encoded_split, batch_size: int) -> dict:
     return ordered
 
 
+@torch.no_grad()
+def evaluate_lm(engine, encoded_split, batch_size: int) -> dict:
+    """Perplexity over the target tokens: each rank sums the next-token NLL of a strided shard (every rank
+    runs as many batches: MoE all-to-alls and ZeRO-3 gathers need all ranks), then the sums are all-reduced.
+    The logits never leave a rank (a [rows, length, vocab] gather would not fit)."""
+    rank, world = collectives.rank(), collectives.world_size()
+    columns = [c for c in model_input_columns(encoded_split) if c != "labels"]
+    shard = list(range(rank, len(encoded_split), world))
+    batches = math.ceil(math.ceil(len(encoded_split) / world) / batch_size)
+    totals = torch.zeros(2, dtype=torch.float64)  # summed NLL, target tokens
+    engine.eval()
+    for b in range(batches):
+        rows = shard[b * batch_size:(b + 1) * batch_size]
+        batch = encoded_split.select(rows or [0])[:]
+        logits = engine.module(**{c: batch[c] for c in columns}).logits.float()
+        targets = batch["labels"][:, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum")
+        if rows:
+            totals += torch.stack([nll.double().cpu(), (targets != IGNORE_INDEX).sum().double().cpu()])
+    engine.train()
+    collectives.sum_over_world_(totals)
+    loss = float(totals[0] / totals[1])
+    return {"perplexity": math.exp(loss), "loss": loss, "tokens": int(totals[1])}
+
+
 def evaluate(engine, spec, raw, encoded, split: str, batch_size: int) -> dict:
+    if spec.head == "causal_lm":
+        return evaluate_lm(engine, encoded[split], batch_size)
     outputs = predict(engine, encoded[split], batch_size)
     return evaluate_predictions(spec, raw[split], encoded[split], outputs)
 
@@ -433,7 +467,7 @@ def main(argv=None):
     model_path = resolve_model_path(args.model)
     seed_everything(args.seed)
     from transformers import AutoConfig, AutoTokenizer
-    check_model_args(args, AutoConfig.from_pretrained(model_path))
+    check_model_args(args, spec, AutoConfig.from_pretrained(model_path))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:  # decoders: batches are padded, and the classification head finds the last token
         tokenizer.pad_token = tokenizer.eos_token
