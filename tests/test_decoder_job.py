@@ -1,5 +1,7 @@
-"""omoe_ds.train on the real SmolLM2-135M, 2 CPU ranks under ZeRO-3: upcycled to Mixtral in two layers and
-sharded by DeepSpeed AutoEP (EP = 2) with O steps; and with an omoe-lora adapter on the dense decoder."""
+"""omoe_ds.train on decoders, 2 CPU ranks: the real SmolLM2-135M upcycled to Mixtral in two layers and sharded
+by DeepSpeed AutoEP (EP = 2) under ZeRO-3 with O steps, for classification and for causal LM on instructions;
+with an omoe-lora adapter on the dense decoder; and, on a tiny llama, a killed run resumed bit-exact under
+ZeRO-3 and a ZeRO-2 AutoEP checkpoint exported as a plain Mixtral."""
 import csv
 import json
 import os
@@ -127,3 +129,43 @@ def test_killed_decoder_job_resumes_bit_exact_under_autoep_zero3(data, tiny_llam
     assert results["o_steps"] == 2
     assert differences(final_state(cut, step=8), final_state(whole, step=8)) == []
     assert results["dev"] == json.load(open(whole / "results.json"))["dev"]
+
+
+def test_autoep_zero2_checkpoint_exports_as_mixtral_with_the_jobs_predictions(data, tiny_llama_dir, tmp_path):
+    """AutoEP keeps w1/w3/w2 per expert in DeepSpeed's expert files; the export puts them back into Mixtral's
+    fused gate_up_proj / down_proj, and the exported model, loaded by transformers alone, predicts the dev
+    split as the trained engine did."""
+    import shutil
+    import transformers
+    from omoe_ds.checkpoint.layout import HF_DIR, latest_complete_tag
+    zero2 = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_autoep_zero3.json")))
+    zero2["zero_optimization"] = {"stage": 2}
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "autoep_zero2.json").write_text(json.dumps(zero2))
+    out, results = run_job(data, tmp_path, "z2", str(tmp_path / "ds_configs" / "autoep_zero2.json"),
+                           "--model", tiny_llama_dir, *RESUME_STEPS[:6], "--max-steps", "4", "--save-every", "4")
+    export = launching.run([sys.executable, "-m", "omoe_ds.export", "--ckpt", out / "checkpoints",
+                            "--out", tmp_path / "exported"], timeout=300, cwd=ROOT)
+    assert export.returncode == 0, export.stdout + export.stderr
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").eval()
+    assert type(model).__name__ == "MixtralForSequenceClassification"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    with open(os.path.join(data, "dev.csv")) as f:
+        rows = list(csv.DictReader(f))
+    batch = tokenizer([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH, padding="max_length",
+                      return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    names = model.config.id2label
+    accuracy = float(np.mean([names[int(p)] == r["label"] for p, r in zip(predicted, rows)]))
+    assert accuracy == results["dev"]["accuracy"]
+    # a model upcycled in some layers only has no Mixtral form: refused, naming the layers
+    partial = tmp_path / "partial_config"
+    shutil.copytree(out / "checkpoints" / latest_complete_tag(str(out / "checkpoints")) / HF_DIR, partial)
+    config = json.load(open(partial / "config.json"))
+    config["omoe_upcycle"]["layers"] = [0]
+    (partial / "config.json").write_text(json.dumps(config))
+    refused = launching.run([sys.executable, "-m", "omoe_ds.export", "--ckpt", out / "checkpoints", "--config", partial,
+                             "--out", tmp_path / "x"], timeout=300, cwd=ROOT)
+    assert refused.returncode != 0 and "only decoder layers [0] were upcycled" in refused.stderr
+    assert not (tmp_path / "x").exists()

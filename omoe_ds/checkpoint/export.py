@@ -353,7 +353,9 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
     zero3 = sorted(n for n in os.listdir(tag_dir) if _ZERO3_STATES_RE.match(n))
     if zero3 and not os.path.exists(os.path.join(tag_dir, NON_EXPERT_FILE)):
         raise CheckpointError(f"{os.path.join(tag_dir, zero3[0])}: a ZeRO-3 checkpoint (parameters partitioned); "
-                              "omoe-ds trains MoE under ZeRO 0-2 only and cannot export it")
+                              "exporting one is not supported yet (the experts' partitions would have to be "
+                              "gathered over each expert-data-parallel group); to export, train with ZeRO 0-2 "
+                              "(e.g. ds_configs/finetune_zero2.json; decoders keep --expert-parallel autoep)")
     _check_marker_sizes(tag_dir, [NON_EXPERT_FILE, os.path.join(HF_DIR, CONFIG_FILE)]
                         + sorted(n for n in os.listdir(tag_dir) if _EXPERT_FILE_RE.match(n)))
     explicit = config_dir is not None
@@ -501,10 +503,7 @@ def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> Consolidate
     where = f"{chosen.__name__} (model_type {config.model_type}, {len(experts)} fused-expert layers) from {config_path}"
     expert_files = _expert_files(tag_dir)
     if expert_files:
-        files = expert_files[min(expert_files)]
-        raise CheckpointError(f"architecture mismatch: {os.path.join(tag_dir, files[min(files)])} is a DeepSpeed MoE "
-                              f"expert file, but {where} keeps its experts as fused parameters in {NON_EXPERT_FILE}; "
-                              "pass the converted model's config (with omoe_moe) with --config")
+        module_state = _fused_from_autoep(tag_dir, expert_files, module_state, where, config)
     expected = model.state_dict()
     _check_keys(states_path, set(module_state), set(expected), where)
     expert_keys = [f"{name}.{p}" for name, _ in experts for p in ("gate_up_proj", "down_proj")]
@@ -524,6 +523,39 @@ def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> Consolidate
                "fused_parameters": [f"{name}.gate_up_proj", f"{name}.down_proj"]} for L, (name, m) in enumerate(experts)]
     return ConsolidatedCheckpoint(dict(module_state), config, config_path, None, chosen.__name__, tag_dir, tag,
                                   _states_meta(states), layers, HF_FUSED, model)
+
+
+_AUTOEP_KEY_RE = re.compile(r"^(.*)\.experts\.(w1|w2|w3)\.(\d+)$")
+
+
+def _fused_from_autoep(tag_dir: str, expert_files, module_state: dict, where: str, config) -> dict:
+    """A checkpoint trained through DeepSpeed AutoEP keeps each expert's w1 (gate), w3 (up) [ff, d] and w2 (down)
+    [d, ff] in DeepSpeed's per-expert files and the router as `<block>.router.gate.weight` (aliased as
+    `<block>.gate.gate.weight`): put them back in the transformers block's own keys, gate_up_proj = [w1; w3]."""
+    experts: Dict[str, Dict[str, Dict[int, torch.Tensor]]] = {}
+    for L in sorted(expert_files):
+        for e, name in sorted(expert_files[L].items()):
+            path = os.path.join(tag_dir, name)
+            for key, tensor in _torch_load(path, "one expert's weights").items():
+                m = _AUTOEP_KEY_RE.match(key)
+                if m is None:
+                    raise CheckpointError(f"architecture mismatch: {path} is a DeepSpeed MoE expert file holding "
+                                          f"{key!r}, but {where} keeps its experts as fused parameters in "
+                                          f"{NON_EXPERT_FILE}; pass the converted model's config (with omoe_moe) with "
+                                          "--config")
+                experts.setdefault(m.group(1), {}).setdefault(m.group(2), {})[int(m.group(3))] = tensor
+    kept = (getattr(config, "omoe_upcycle", None) or {}).get("layers")
+    if kept is not None and len(kept) != config.num_hidden_layers:
+        raise CheckpointError(f"{where}: only decoder layers {kept} were upcycled to MoE (omoe_upcycle), and a "
+                              "Mixtral checkpoint cannot hold dense layers between MoE ones; export is for models "
+                              "upcycled in every layer (drop --moe-layers) or trained as MoE checkpoints")
+    state = {k: v for k, v in module_state.items() if not k.endswith((".router.gate.weight", ".gate.gate.weight"))}
+    for block, weights in experts.items():
+        ids = sorted(weights["w1"])
+        state[f"{block}.experts.gate_up_proj"] = torch.stack([torch.cat([weights["w1"][e], weights["w3"][e]]) for e in ids])
+        state[f"{block}.experts.down_proj"] = torch.stack([weights["w2"][e] for e in ids])
+        state[f"{block}.gate.weight"] = module_state[f"{block}.router.gate.weight"]
+    return state
 
 
 def _expert_files(tag_dir: str) -> Dict[int, Dict[int, str]]:
