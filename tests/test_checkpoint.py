@@ -307,7 +307,9 @@ def test_projectors_saved_with_per_matrix_keys_still_load(single_process_group, 
 FORM_TOL = 1e-6
 
 
-@pytest.mark.parametrize("saved_as,loaded_as", [("factored", "dense"), ("dense", "factored"), ("factored", "auto")])
+@pytest.mark.parametrize("saved_as,loaded_as", [("factored", "dense"), ("dense", "factored"), ("factored", "auto"),
+                                               ("hybrid", "factored"), ("hybrid", "dense"), ("factored", "hybrid"),
+                                               ("dense", "hybrid"), ("hybrid", "hybrid")])
 def test_checkpoints_of_either_projector_form_load_into_either(single_process_group, tmp_path, saved_as, loaded_as):
     source = build_engine(projector_storage=saved_as)
     save_checkpoint(source, str(tmp_path / "ckpt"))

@@ -122,14 +122,14 @@ def test_augmented_mean_appends_one_only_with_bias():
     assert torch.equal(pj.augmented_mean(s, 2, False), torch.tensor([1.0, 2.0]))
 
 
-def test_factored_and_dense_projectors_agree_with_fp64_over_200_o_steps():
+def test_every_projector_form_agrees_with_fp64_over_200_o_steps():
     """4 experts (2 of them local, global ids 2, 3), n = 25 with a bias coordinate, α decaying with λ = 0.5,
-    200 O steps of exchanged factors. Both forms apply the same fp32 factors; the reference runs the RLS
+    200 O steps of exchanged factors. Every form applies the same fp32 factors; the reference runs the RLS
     recursion in fp64. A P̄·v entry is an n-term fp32 dot product of v with entries |P̄| ≤ 1 (a mean of
     contractions): its rounding is at most n·2⁻²⁴·Σ|v|, whatever form produced P̄."""
     from omoe_ds.core.projector_state import StreamProjectors
     n, M, E, first, T = 25, 4, 2, 2, 200
-    stores = {form: StreamProjectors(n, M, E, first, M - 1, storage=form) for form in ("factored", "dense")}
+    stores = {form: StreamProjectors(n, M, E, first, M - 1, storage=form) for form in ("factored", "hybrid", "dense")}
     ref = [torch.eye(n, dtype=torch.float64) for _ in range(M)]
     g = torch.Generator().manual_seed(1)
     v = torch.randn(n, generator=g)
@@ -152,8 +152,24 @@ def test_factored_and_dense_projectors_agree_with_fp64_over_200_o_steps():
                 got = {form: s.weight_product(v[None], l, n)[0] for form, s in stores.items()}
                 for form in stores:
                     assert (got[form].double() - want).abs().max() <= bound, (t, form)
-                assert (got["factored"] - got["dense"]).abs().max() <= 1e-6 * v.abs().max(), t
+                    assert (got[form] - got["dense"]).abs().max() <= 1e-6 * v.abs().max(), (t, form)
+                    # the bias column and corner, the batched product and the token side give the same P̄
+                    Pbar = ((S - ref[first + l]) / (M - 1))
+                    store = stores[form]
+                    assert (store.bias_column(l).double() - Pbar[:-1, -1]).abs().max() <= n * U32, (t, form)
+                    assert abs(store.bias_corner(l).item() - Pbar[-1, -1].item()) <= n * U32, (t, form)
+                    x = torch.cat([v[:-1], v.new_ones(1)])  # a token row: the bias coordinate is 1
+                    got_x = store.token_product(x[None, :-1], l)[0].double()
+                    assert (got_x - x.double() @ Pbar).abs().max() <= n * U32 * x.abs().sum().item(), (t, form)
+            V2 = torch.stack([v, -v])[None].expand(E, 2, n).contiguous()
+            stacks = {form: s.weight_product_stack(V2) for form, s in stores.items()}
+            for form in stores:
+                assert (stacks[form] - stacks["dense"]).abs().max() <= 2 * bound, (t, form)
+            for store in stores.values():
+                store.release_o_step()
     assert stores["factored"].form == "factored" and stores["factored"].V.shape == (n, M, T)
+    assert stores["hybrid"].form == "hybrid" and stores["hybrid"].W.shape == (n, E, T)
+    assert stores["hybrid"].nbytes() == (n * n + n * E * T) * 4
 
 
 def test_auto_storage_turns_dense_when_factors_outgrow_the_dense_form():
@@ -175,7 +191,25 @@ def test_auto_storage_turns_dense_when_factors_outgrow_the_dense_form():
     assert auto.nbytes() == auto.dense_nbytes() < factored.nbytes()
 
 
-@pytest.mark.parametrize("storage", ["auto", "factored", "dense"])
+def test_auto_storage_moves_factored_then_hybrid_then_dense():
+    """n = 8, M = 4, E_local = 2 (bytes: 32·t factored, 64 + 16·t hybrid, 192 dense): factored while t ≤ 4,
+    hybrid for 4 < t ≤ 8, dense after; P̄ keeps its value across both switches (8-term fp32 sums)."""
+    from omoe_ds.core.projector_state import StreamProjectors
+    auto, factored = (StreamProjectors(8, 4, 2, 2, 3, storage=s) for s in ("auto", "factored"))
+    g = torch.Generator().manual_seed(4)
+    G = torch.randn(3, 8, generator=g)
+    bound = 8 * U32 * G.abs().sum(1, keepdim=True)
+    for t in range(1, 11):
+        U = 0.3 * torch.randn(4, 8, generator=g)
+        auto.apply_factors_(U)
+        factored.apply_factors_(U)
+        assert auto.form == ("factored" if t <= 4 else "hybrid" if t <= 8 else "dense"), t
+        for l in range(2):
+            assert ((auto.weight_product(G, l, 8) - factored.weight_product(G, l, 8)).abs() <= 2 * bound).all(), t
+        auto.release_o_step()
+
+
+@pytest.mark.parametrize("storage", ["auto", "factored", "hybrid", "dense"])
 def test_memory_estimate_is_the_bytes_the_store_holds(storage):
     from omoe_ds.core.projector_state import StreamProjectors, estimate_bytes
     store = StreamProjectors(6, 4, 2, 2, 3, storage=storage)

@@ -130,15 +130,16 @@ _LEGACY_PROJECTOR_KEYS = {"x": "w1", "h": "w2"}
 
 
 def _projector_payload(store, local: int):
-    """What an expert's projector file holds per stream: P (dense) or {"factors": U [n, t]} (factored)."""
+    """What an expert's projector file holds per stream: P (dense) or {"factors": U [n, t]} (factored, hybrid)."""
     if store.form == "dense":
         return store.P[local].clone()  # clone: a view would save the whole [E_local, n, n] stack
-    return {"factors": store.V[:, store.first_global + local].clone()}
+    factors = store.W[:, local] if store.form == "hybrid" else store.V[:, store.first_global + local]
+    return {"factors": factors.clone()}
 
 
 def _sum_payload(store):
-    """What the meta holds per layer and stream: S (dense) or every expert's factors {"factors": V [n, M, t]}."""
-    return store.S.clone() if store.form == "dense" else {"factors": store.V.clone()}
+    """What the meta holds per layer and stream: S (dense, hybrid) or every expert's factors {"factors": V [n, M, t]}."""
+    return {"factors": store.V.clone()} if store.form == "factored" else store.S.clone()
 
 
 def _stream_of(saved: dict, stream: str) -> torch.Tensor:
@@ -348,12 +349,16 @@ def _load_omoe_state(omoe, tag_dir: str, meta: dict, rank_state: dict) -> None:
             if isinstance(saved_sum, dict):  # factored: every expert's factors
                 store.load_factored_(saved_sum["factors"])
                 continue
-            local = torch.stack([_stream_of(expert_file_of(omoe.global_expert_id(L, l)), stream)
-                                 for l in range(layer.num_local_experts)])
+            local = [_stream_of(expert_file_of(omoe.global_expert_id(L, l)), stream)
+                     for l in range(layer.num_local_experts)]
             every = None
             if store.storage == "factored":
-                every = torch.stack([_stream_of(expert_file_of(g), stream) for g in range(layer.num_experts)])
-            store.load_dense_(local, saved_sum, every)
+                every = [_stream_of(expert_file_of(g), stream) for g in range(layer.num_experts)]
+            if isinstance(local[0], dict):  # hybrid: S, and each expert's own factors in its file
+                store.load_hybrid_(torch.stack([f["factors"] for f in local], dim=1), saved_sum,
+                                   torch.stack([f["factors"] for f in every], dim=1) if every else None)
+            else:
+                store.load_dense_(torch.stack(local), saved_sum, torch.stack(every) if every else None)
         where = f"{os.path.join(tag_dir, rank_file(collectives.rank()))}, window of MoE layer {L}"
         sums, counts = window_partials(rank_state["windows"][L], layer.num_experts, where)
         for w in range(2):

@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .projection_side import SIDES
+from .projector_state import STORAGES
+
 
 class OMoEConfigError(ValueError):
     """A bad OMoE setting, model or launch combination, raised before any compute starts."""
@@ -25,7 +28,7 @@ class OMoEConfig:
     lam: float = 1.0            # λ ∈ (0, 1]; 1 keeps α constant
     total_steps: Optional[int] = None  # n; taken from the scheduler's total_num_steps when absent
     loo_divisor: str = "M-1"    # "M" reproduces the 1/M printed in eq. 12
-    projector_storage: str = "auto"  # "factored" (P = I − UUᵀ), "dense", or the cheaper one per layer and stream
+    projector_storage: str = "auto"  # "factored" (P = I − UUᵀ), "hybrid", "dense", or the smallest per layer and stream
     projection_side: str = "auto"    # "gradient" ([G_W | g_b]·P̄), "token" (δᵀ(X̃·P̄)), or the cheaper per stream and O step
 
     def __post_init__(self):
@@ -47,10 +50,11 @@ class OMoEConfig:
             raise OMoEConfigError(f"omoe.loo_divisor={self.loo_divisor!r} is invalid: use \"M-1\" (leave-one-out "
                                   "average, default) or \"M\" (the 1/M printed in the paper's eq. 12)")
 
-        if self.projector_storage not in ("auto", "factored", "dense"):
-            raise OMoEConfigError(f"omoe.projector_storage={self.projector_storage!r} is invalid: use \"auto\" (factored "
-                                  "while that holds fewer bytes, then dense), \"factored\" or \"dense\"")
-        if self.projection_side not in ("auto", "gradient", "token"):
+        if self.projector_storage not in STORAGES:
+            raise OMoEConfigError(f"omoe.projector_storage={self.projector_storage!r} is invalid: use \"auto\" (the form "
+                                  "holding the fewest bytes: factored, then hybrid, then dense), \"factored\", "
+                                  "\"hybrid\" (dense S, local factors) or \"dense\"")
+        if self.projection_side not in SIDES:
             raise OMoEConfigError(f"omoe.projection_side={self.projection_side!r} is invalid: use \"auto\" (the cheaper "
                                   "side per layer, stream and O step), \"gradient\" ([G_W | g_b]·P̄ after autograd) or "
                                   "\"token\" (δᵀ(X̃·P̄) in place of autograd's weight-gradient product)")

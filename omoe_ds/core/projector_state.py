@@ -1,14 +1,17 @@
 """The projectors of one (MoE layer, input stream), dense or factored. Pure tensor math: no torch.distributed.
 
 Every P_j starts at I and loses one rank-1 term per O step (RLS, eq. 13), so after t O steps
-P_j = I − U_j U_jᵀ exactly, with U_j [n, t] the factors the exchange already sends. Two forms:
+P_j = I − U_j U_jᵀ exactly, with U_j [n, t] the factors the exchange already sends. Three forms:
 - factored: V [n, M, t] holds every expert's factors (all M, in global order: S needs them all), so
   P_j = I − V[:, j] V[:, j]ᵀ and S = Σ_j P_j = M·I − Σ_j V_j V_jᵀ; no n×n matrix is ever formed:
   P_j x = x − U_j(U_jᵀ x), and G·P̄_l = a·G − ((G V) with l's columns zeroed)·Vᵀ / divisor,
   a = (M − 1) / divisor, because S − P_l = (M − 1)·I − Σ_{j≠l} V_j V_jᵀ;
+- hybrid: S [n, n] dense and W [n, E_local, t] this rank's experts' factors only, so
+  G·P̄_l = (G·S − G + (G W_l) W_lᵀ) / divisor: a row costs n² + 2·n·t, whatever M is;
 - dense: P [E_local, n, n] for this rank's experts and S [n, n], updated in place (P ← P − uuᵀ).
-"auto" stays factored while its bytes, n·M·t, are below the dense form's, (E_local + 1)·n², then
-turns dense for good. Both forms give the same P̄ up to fp32 rounding (tests/test_projector.py).
+"auto" holds the form with the fewest bytes, n·M·t, n² + n·E_local·t or (E_local + 1)·n²: factored
+first, hybrid once t > n / (M − E_local), dense once t > n; it only moves forward. Every form gives
+the same P̄ up to fp32 rounding (tests/test_projector.py).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 
 from .projector import PROJECTOR_DTYPE
 
-STORAGES = ("auto", "factored", "dense")
+STORAGES = ("auto", "factored", "hybrid", "dense")
+FORMS = STORAGES[1:]
 
 
 class StreamProjectors:
@@ -29,56 +33,87 @@ class StreamProjectors:
         self.n, self.num_experts, self.num_local, self.first_global = n, num_experts, num_local, first_global
         self.divisor, self.storage, self.device = divisor, storage, device
         self.V: Optional[torch.Tensor] = torch.zeros(n, num_experts, 0, dtype=PROJECTOR_DTYPE, device=device)
+        self.W: Optional[torch.Tensor] = None   # hybrid form: local experts' factors [n, E_local, t]
         self.P: Optional[torch.Tensor] = None   # dense form
-        self.S: Optional[torch.Tensor] = None
+        self.S: Optional[torch.Tensor] = None   # hybrid and dense forms
         self._pbar: Optional[torch.Tensor] = None  # dense P̄ [E_local, n, n], built once per O step
         if storage == "dense":
             self._to_dense()
+        elif storage == "hybrid":
+            self._to_hybrid()
 
     # ---- form ---------------------------------------------------------------------------------
     @property
     def form(self) -> str:
-        return "dense" if self.P is not None else "factored"
+        return "dense" if self.P is not None else "hybrid" if self.W is not None else "factored"
 
     @property
     def steps(self) -> int:
-        return self.V.shape[2] if self.V is not None else -1
+        """O steps taken while factors were kept (−1 once dense: the count is not stored there)."""
+        factors = self.V if self.V is not None else self.W
+        return factors.shape[2] if factors is not None else -1
 
     def nbytes(self) -> int:
-        tensors = (self.V,) if self.P is None else (self.P, self.S)
+        tensors = {"factored": (self.V,), "hybrid": (self.S, self.W), "dense": (self.P, self.S)}[self.form]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def dense_nbytes(self) -> int:
-        return (self.num_local + 1) * self.n * self.n * torch.finfo(PROJECTOR_DTYPE).bits // 8
+        return estimate_bytes(self.n, self.num_experts, self.num_local, 0, "dense")
+
+    def _eye(self) -> torch.Tensor:
+        return torch.eye(self.n, dtype=PROJECTOR_DTYPE, device=self.device)
+
+    def _local_factors(self) -> torch.Tensor:
+        """[n, E_local, t] of this rank's experts, from V or W."""
+        if self.W is not None:
+            return self.W
+        return self.V[:, self.first_global:self.first_global + self.num_local]
+
+    def _to_hybrid(self) -> None:
+        flat = self.V.reshape(self.n, -1)
+        self.S = self.num_experts * self._eye() - flat @ flat.T
+        self.W = self._local_factors().clone()
+        self.V = None
 
     def _to_dense(self) -> None:
-        eye = torch.eye(self.n, dtype=PROJECTOR_DTYPE, device=self.device)
-        V = self.V
-        local = V[:, self.first_global:self.first_global + self.num_local]  # [n, E_local, t]
-        self.P = eye - torch.einsum("ilt,jlt->lij", local, local)
-        flat = V.reshape(self.n, -1)
-        self.S = self.num_experts * eye - flat @ flat.T
-        self.V = None
+        local = self._local_factors()
+        self.P = self._eye() - torch.einsum("ilt,jlt->lij", local, local)
+        if self.S is None:
+            flat = self.V.reshape(self.n, -1)
+            self.S = self.num_experts * self._eye() - flat @ flat.T
+        self.V = self.W = None
+
+    def _settle(self) -> None:
+        """"auto": move forward to the form with the fewest bytes at this t."""
+        if self.storage != "auto" or self.form == "dense":
+            return
+        t = self.steps
+        sizes = {f: estimate_bytes(self.n, self.num_experts, self.num_local, t, f) for f in FORMS}
+        best = min(FORMS, key=lambda f: (sizes[f], FORMS.index(f)))
+        if FORMS.index(best) > FORMS.index(self.form):
+            self._to_dense() if best == "dense" else self._to_hybrid()
 
     # ---- the RLS update -------------------------------------------------------------------------
     def times(self, local: int, x: torch.Tensor) -> torch.Tensor:
         """P_l x for local expert l."""
         if self.P is not None:
             return self.P[local] @ x
-        U = self.V[:, self.first_global + local]
+        U = self._local_factors()[:, local]
         return x - U @ (U.T @ x)
 
     def apply_factors_(self, U_all: torch.Tensor) -> None:
         """One O step's factors u_j (rows of U_all [M, n], global order; 0 for an expert without tokens)."""
-        if self.P is not None:
+        local = U_all[self.first_global:self.first_global + self.num_local]  # [E_local, n]
+        if self.S is not None:
             self.S.sub_(U_all.T @ U_all)  # one GEMM: every rank holding the same U gets the same bits
+        if self.P is not None:
             for l in range(self.num_local):
-                u = U_all[self.first_global + l]
-                self.P[l].sub_(torch.outer(u, u))
+                self.P[l].sub_(torch.outer(local[l], local[l]))
+        elif self.W is not None:
+            self.W = torch.cat([self.W, local.T.unsqueeze(-1)], dim=2)
         else:
             self.V = torch.cat([self.V, U_all.T.unsqueeze(-1)], dim=2)
-            if self.storage == "auto" and self.nbytes() > self.dense_nbytes():
-                self._to_dense()
+        self._settle()
         self._pbar = None
 
     # ---- P̄ = (S − P_l) / divisor --------------------------------------------------------------
@@ -106,12 +141,18 @@ class StreamProjectors:
         """G [rows, d] · P̄_l[:d, :d], fp32 (d = n, or n − 1 where the stream has a bias)."""
         if self.P is not None:
             return G @ self._dense_pbar()[local, :d, :d]
+        if self.W is not None:
+            W = self.W[:d, local]
+            return (G @ self.S[:d, :d] - G + (G @ W) @ W.T) / self.divisor
         return self.identity_scale * G - self._times_others(G, local, slice(0, d)) / self.divisor
 
     def weight_product_stack(self, G: torch.Tensor) -> torch.Tensor:
         """G [E_local, rows, n] · P̄ for every local expert (one batched product; no bias)."""
         if self.P is not None:
             return torch.bmm(G, self._dense_pbar())
+        if self.W is not None:
+            W = self.W.permute(1, 0, 2)  # [E_local, n, t]
+            return (G @ self.S - G + torch.bmm(torch.bmm(G, W), W.transpose(1, 2))) / self.divisor
         flat = self.V.reshape(self.n, -1)                       # [n, M·t]
         GV = (G @ flat).view(G.shape[0], G.shape[1], self.num_experts, -1)
         local = torch.arange(self.num_local, device=G.device)
@@ -127,8 +168,13 @@ class StreamProjectors:
         return self.weight_product(X, local, self.n)
 
     def row_cost(self) -> int:
-        """Multiply-adds of one row times P̄: n² dense; factored, (row·V)·Vᵀ over every expert's M·t factors."""
-        return self.n * self.n if self.P is not None else 2 * self.n * self.num_experts * self.steps
+        """Multiply-adds of one row times P̄: n² dense; factored, (row·V)·Vᵀ over every expert's M·t factors;
+        hybrid, row·S plus (row·W_l)·W_lᵀ over the expert's own t."""
+        if self.P is not None:
+            return self.n * self.n
+        if self.W is not None:
+            return self.n * self.n + 2 * self.n * self.steps
+        return 2 * self.n * self.num_experts * self.steps
 
     def _bias_coordinate_of_others(self, local: int) -> torch.Tensor:
         """The bias coordinate (row n − 1) of every factor but local expert l's, flat [M·t]."""
@@ -140,12 +186,16 @@ class StreamProjectors:
         """P̄_l[:-1, -1]."""
         if self.P is not None:
             return self._dense_pbar()[local, :-1, -1]
+        if self.W is not None:
+            return (self.S[:-1, -1] + self.W[:-1, local] @ self.W[-1, local]) / self.divisor
         return -(self.V[:-1].reshape(self.n - 1, -1) @ self._bias_coordinate_of_others(local)) / self.divisor
 
     def bias_corner(self, local: int) -> torch.Tensor:
         """P̄_l[-1, -1]."""
         if self.P is not None:
             return self._dense_pbar()[local, -1, -1]
+        if self.W is not None:
+            return (self.S[-1, -1] - 1 + self.W[-1, local] @ self.W[-1, local]) / self.divisor
         last = self._bias_coordinate_of_others(local)
         return self.identity_scale - (last @ last) / self.divisor
 
@@ -154,9 +204,8 @@ class StreamProjectors:
         """P [E_local, n, n] of this rank's experts, whatever the form."""
         if self.P is not None:
             return self.P
-        eye = torch.eye(self.n, dtype=PROJECTOR_DTYPE, device=self.device)
-        local = self.V[:, self.first_global:self.first_global + self.num_local]
-        return eye - torch.einsum("ilt,jlt->lij", local, local)
+        local = self._local_factors()
+        return self._eye() - torch.einsum("ilt,jlt->lij", local, local)
 
     def dense_sum(self) -> torch.Tensor:
         """S = Σ_j P_j over every expert, whatever the form."""
@@ -166,22 +215,41 @@ class StreamProjectors:
         return self.num_experts * torch.eye(self.n, dtype=PROJECTOR_DTYPE, device=self.device) - flat @ flat.T
 
     def load_factored_(self, V: torch.Tensor) -> None:
-        """Take every expert's saved factors [n, M, t]; dense storage forms P and S from them."""
-        self.V, self.P, self.S, self._pbar = V.to(PROJECTOR_DTYPE).clone(), None, None, None
-        if self.storage == "dense" or (self.storage == "auto" and self.nbytes() > self.dense_nbytes()):
+        """Take every expert's saved factors [n, M, t] (a factored checkpoint); other storages form theirs."""
+        self.V, self.W, self.P, self.S, self._pbar = V.to(PROJECTOR_DTYPE).clone(), None, None, None, None
+        if self.storage == "dense":
             self._to_dense()
+        elif self.storage == "hybrid":
+            self._to_hybrid()
+        self._settle()
+
+    def load_hybrid_(self, W_local: torch.Tensor, S: torch.Tensor, V_every: Optional[torch.Tensor] = None) -> None:
+        """Take saved local factors [n, E_local, t] and S (a hybrid checkpoint); factored storage needs every
+        expert's factors V [n, M, t] (each expert's file holds its own)."""
+        self.V = self.W = self.P = self.S = self._pbar = None
+        if self.storage == "factored":
+            self.V = V_every.to(PROJECTOR_DTYPE).clone()
+            return
+        self.W, self.S = W_local.to(PROJECTOR_DTYPE).clone(), S.to(PROJECTOR_DTYPE).clone()
+        if self.storage == "dense":
+            self._to_dense()
+        self._settle()
 
     def load_dense_(self, P_local: torch.Tensor, S: torch.Tensor, P_every: Optional[torch.Tensor] = None) -> None:
         """Take saved dense P [E_local, n, n] and S; factored storage needs every expert's P [M, n, n] and
-        refactors each as I − UUᵀ (exact up to the eigensolver's rounding)."""
-        self._pbar = None
-        if self.storage != "factored":
+        refactors each as I − UUᵀ, hybrid storage this rank's (exact up to the eigensolver's rounding)."""
+        self._pbar, self.W = None, None
+        if self.storage in ("auto", "dense"):
             self.P, self.S, self.V = P_local.to(PROJECTOR_DTYPE).clone(), S.to(PROJECTOR_DTYPE).clone(), None
             return
-        factors = [factors_of(P) for P in P_every]
+        factors = [factors_of(P) for P in (P_every if self.storage == "factored" else P_local)]
         t = max(U.shape[1] for U in factors)
-        self.V = torch.stack([torch.nn.functional.pad(U, (0, t - U.shape[1])) for U in factors], dim=1)
-        self.P = self.S = None
+        stacked = torch.stack([torch.nn.functional.pad(U, (0, t - U.shape[1])) for U in factors], dim=1)
+        self.P = None
+        if self.storage == "factored":
+            self.V, self.S = stacked, None
+        else:
+            self.V, self.W, self.S = None, stacked, S.to(PROJECTOR_DTYPE).clone()
 
 
 def factors_of(P: torch.Tensor) -> torch.Tensor:
@@ -192,11 +260,13 @@ def factors_of(P: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_bytes(n: int, num_experts: int, num_local: int, o_steps: int, storage: str = "auto") -> int:
-    """Projector bytes one rank holds for one (layer, stream) after `o_steps` O steps: the factors of every
-    expert (n·M·t fp32) while factored, (E_local + 1)·n² fp32 once dense; "auto" holds the smaller."""
+    """Projector bytes one rank holds for one (layer, stream) after `o_steps` O steps (fp32): every expert's
+    factors n·M·t factored; S and the local factors n² + n·E_local·t hybrid; (E_local + 1)·n² dense;
+    "auto" holds the smallest (the forms it moves through are in that order as t grows)."""
     item = torch.finfo(PROJECTOR_DTYPE).bits // 8
-    factored, dense = n * num_experts * o_steps * item, (num_local + 1) * n * n * item
-    return {"factored": factored, "dense": dense, "auto": factored if factored <= dense else dense}[storage]
+    sizes = {"factored": n * num_experts * o_steps * item, "hybrid": (n * n + n * num_local * o_steps) * item,
+             "dense": (num_local + 1) * n * n * item}
+    return min(sizes.values()) if storage == "auto" else sizes[storage]
 
 
 def estimate_model_bytes(streams_n, num_layers: int, num_experts: int, ep_size: int, o_steps: int,
