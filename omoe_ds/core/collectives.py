@@ -71,7 +71,15 @@ def broadcast_from_rank0(tensor: torch.Tensor, log_name: str = "omoe_metric_broa
 
 
 def sum_over_world_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place, the sum over every rank of a metric tensor, wherever it lives (NCCL reduces device tensors
+    only: on an accelerator a CPU tensor travels through it)."""
     if world_size() > 1:
+        from deepspeed.accelerator import get_accelerator
+        device = torch.device(get_accelerator().current_device_name())
+        if device.type != "cpu" and tensor.device.type == "cpu":
+            on_device = tensor.to(device)
+            dist.all_reduce(on_device, log_name="omoe_metric_allreduce")
+            return tensor.copy_(on_device)
         dist.all_reduce(tensor, log_name="omoe_metric_allreduce")
     return tensor
 
