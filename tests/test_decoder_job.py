@@ -169,3 +169,25 @@ def test_autoep_zero2_checkpoint_exports_as_mixtral_with_the_jobs_predictions(da
                              "--out", tmp_path / "x"], timeout=300, cwd=ROOT)
     assert refused.returncode != 0 and "only decoder layers [0] were upcycled" in refused.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_moe_checkpoint_trains_as_it_is_through_autoep(data, tmp_path):
+    """A Hugging Face Mixtral checkpoint (tiny, random) is not upcycled: AutoEP shards its own 4 experts."""
+    import transformers
+    from omoe_ds import OMoEConfigError
+    from omoe_ds.finetune.train import main
+    tokenizer = AutoTokenizer.from_pretrained(models.smollm2_135m_path())
+    config = transformers.MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        num_local_experts=4, num_experts_per_tok=2, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path / "tiny_mixtral"
+    transformers.MixtralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(OMoEConfigError, match=r"MoE checkpoint with 4 experts per MoE layer, trained as it is"):
+        main(["--model", str(path), "--task", "csv", "--data-dir", data, "--text-cols", "text", "--label-col",
+              "label", "--experts", "8", "--output-dir", str(tmp_path / "refused")])
+    out, results = run_job(data, tmp_path, "mixtral", "finetune_autoep_zero3.json", "--model", str(path),
+                           "--ep-size", "2", "--expert-parallel", "autoep", "--max-steps", "4")
+    assert results["o_steps"] == 1 and len(results["diversity"]["layers"]) == 2
+    assert [len(layer["tokens"]) for layer in results["diversity"]["dev_expert_load"]] == [4, 4]

@@ -148,6 +148,7 @@ def check_adapter_args(args) -> None:
     """--adapter keeps the model dense: paper A's conversion and O steps are not combined with it. Fills the
     defaults of --experts and --optimizer for either path."""
     lora_given = [f"--{k.replace('_', '-')}" for k in LORA_FLAGS if getattr(args, k) is not None]
+    args.experts_given = args.experts is not None
     if args.adapter is None:
         if lora_given:
             raise OMoEConfigError(f"{lora_given[0]} sets a LoRA adapter: add --adapter lora|moe-lora|omoe-lora")
@@ -243,6 +244,13 @@ def check_model_args(args, spec, config) -> None:
                               "them over --ep-size ranks")
     if model_type in UPCYCLABLE_MODEL_TYPES:
         check_upcyclable(config, upcycle_config(args))
+    elif is_moe_decoder(config):  # trained as it is: its expert count and MoE layers are the checkpoint's
+        count = next(getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                     if getattr(config, k, None))
+        if (getattr(args, "experts_given", False) and args.experts != count) or args.moe_layers:
+            raise OMoEConfigError(f"--model {args.model} is a {model_type} MoE checkpoint with {count} experts per "
+                                  "MoE layer, trained as it is: drop --experts and --moe-layers (they upcycle dense "
+                                  "decoders)")
 
 
 def check_resume_config(args, ds_config: dict) -> None:
