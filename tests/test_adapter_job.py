@@ -97,6 +97,24 @@ def test_omoe_lora_job_two_ranks_zero2_and_zero3_equal_one_process(dropless_bert
     # The adapter trained: its B factors, zero at init, moved.
     assert all(expected[name].abs().max() > 0 for name in expected if name.endswith("lora_B"))
     check_adapter_reloads(dropless_bert, tiny_data, runs[3])
+    check_pca_command(runs[2], runs[3], tmp_path)
+
+
+def check_pca_command(run_a, run_b, tmp_path):
+    """omoe_ds.lora_pca rebuilds each run's model from its results.json and adapter/: the same LoRA diversity as
+    the job measured on the same dev batches, and a PNG with one panel per run."""
+    from omoe_ds.lora import lora_diversity
+    from omoe_ds.studies import lora_pca
+    _, model, batches = lora_pca.run_model(str(run_b))
+    want = json.loads((run_b / "results.json").read_text())["lora_diversity"]["summary"]
+    got = lora_diversity(model, batches)["summary"]
+    assert got["tokens"] == want["tokens"]
+    for which in ("expert_cosine", "representation_cosine"):
+        assert got[which]["mean_abs"] == pytest.approx(want[which]["mean_abs"], abs=1e-6)
+    png = tmp_path / "pca.png"
+    assert lora_pca.main([str(run_a), str(run_b), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert lora_pca.main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2  # not a run: one clear error
 
 
 def check_adapter_reloads(base, data, out):
