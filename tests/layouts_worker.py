@@ -62,8 +62,9 @@ HF_CONFIGS = {
 IMPLEMENTATION = {"mixtral": "grouped_mm", "qwen2_moe": "eager", "qwen3_moe": "batched_mm", "olmoe": "grouped_mm",
                   "deepseek_v3": "grouped_mm"}
 CASES = ["native_ffn", "native_swiglu", *HF_CONFIGS]
-# Both projector forms on both kinds of layout; "auto" stays factored over these 4 O steps.
-STORAGE = {"native_ffn": "dense", "mixtral": "dense"}
+# Every projector form on both kinds of layout (native_swiglu: EP = 2, so hybrid holds half the experts' factors);
+# "auto" stays factored over these 4 O steps.
+STORAGE = {"native_ffn": "dense", "mixtral": "dense", "native_swiglu": "hybrid", "qwen3_moe": "hybrid"}
 
 
 class NativeNet(nn.Module):
