@@ -487,7 +487,7 @@ def _fitting_class(candidates: List[type], module_state: dict, build, held):
     return None, None
 
 
-_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> ConsolidatedCheckpoint:
@@ -512,7 +512,7 @@ def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> Consolidate
         if have == want:
             continue
         if key in expert_keys and have[1:] == want[1:]:
-            fields = ", ".join(f"{f}={want[0]}" for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None) == want[0])
+            fields = ", ".join(f"{f}={want[0]}" for f in EXPERT_COUNT_FIELDS if getattr(config, f, None) == want[0])
             raise CheckpointError(f"expert count mismatch: {states_path}: {key} holds {have[0]} experts (shape "
                                   f"{have}), but {config_path} gives {want[0]} ({fields or 'its expert count'}, "
                                   f"shape {want}); use the config the checkpoint was trained with (--config)")

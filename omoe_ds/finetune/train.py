@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..checkpoint.export import is_export, load_exported
+from ..checkpoint.export import EXPERT_COUNT_FIELDS, is_export, load_exported
 from ..checkpoint.layout import META_FILE, latest_complete_tag, resolve_tag_dir
 from ..checkpoint.state import check_omoe_config, fault_point, load_checkpoint, prune_checkpoints, save_checkpoint
 from ..core import collectives, environment
@@ -214,14 +214,22 @@ def check_args(args) -> None:
                               "choose another directory or pass --overwrite to replace it")
 
 
+def moe_expert_count(config):
+    """The experts per MoE layer of a Hugging Face MoE decoder checkpoint (Mixtral, Qwen-MoE, OLMoE, DeepSeek),
+    trained as it is; None for a dense model."""
+    return next((getattr(config, k) for k in EXPERT_COUNT_FIELDS if getattr(config, k, None)), None)
+
+
 def is_moe_decoder(config) -> bool:
-    """A Hugging Face MoE decoder checkpoint (Mixtral, Qwen-MoE, OLMoE, DeepSeek): trained as it is."""
-    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return moe_expert_count(config) is not None
+
+
+def moe_layer_indices(args):
+    return tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
 
 
 def upcycle_config(args) -> UpcycleConfig:
-    layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
-    return UpcycleConfig(num_experts=args.experts, top_k=args.top_k, layers=layers, seed=args.seed)
+    return UpcycleConfig(num_experts=args.experts, top_k=args.top_k, layers=moe_layer_indices(args), seed=args.seed)
 
 
 def check_model_args(args, spec, config) -> None:
@@ -245,8 +253,7 @@ def check_model_args(args, spec, config) -> None:
     if model_type in UPCYCLABLE_MODEL_TYPES:
         check_upcyclable(config, upcycle_config(args))
     elif is_moe_decoder(config):  # trained as it is: its expert count and MoE layers are the checkpoint's
-        count = next(getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                     if getattr(config, k, None))
+        count = moe_expert_count(config)
         if (getattr(args, "experts_given", False) and args.experts != count) or args.moe_layers:
             raise OMoEConfigError(f"--model {args.model} is a {model_type} MoE checkpoint with {count} experts per "
                                   "MoE layer, trained as it is: drop --experts and --moe-layers (they upcycle dense "
@@ -326,8 +333,8 @@ def load_model(spec, model_path: str, args):
         return record_trained_head(upcycle_to_mixtral(model, upcycle_config(args)), spec)
     if is_moe_decoder(model.config):
         return record_trained_head(model, spec)
-    layers = tuple(int(i) for i in args.moe_layers.split(",")) if args.moe_layers else None
-    conversion = MoEConversionConfig(num_experts=args.experts, k=args.top_k, ep_size=args.ep_size, layers=layers,
+    conversion = MoEConversionConfig(num_experts=args.experts, k=args.top_k, ep_size=args.ep_size,
+                                     layers=moe_layer_indices(args),
                                      capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
                                      drop_tokens=args.drop_tokens)
     return record_trained_head(convert_to_moe(model, conversion), spec)
@@ -370,20 +377,26 @@ def record_trained_head(model, spec):
     return model
 
 
+def shard_batches(encoded_split, batch_size: int):
+    """(rows, batch) of this rank's strided shard. Every rank yields as many batches (MoE all-to-alls and ZeRO-3
+    gathers need all ranks in every forward): a rank with nothing left gets row 0, and rows == []."""
+    rank, world = collectives.rank(), collectives.world_size()
+    shard = list(range(rank, len(encoded_split), world))
+    for b in range(math.ceil(math.ceil(len(encoded_split) / world) / batch_size)):
+        rows = shard[b * batch_size:(b + 1) * batch_size]
+        yield rows, encoded_split.select(rows or [0])[:]
+
+
 @torch.no_grad()
 def predict(engine, encoded_split, batch_size: int) -> dict:
     """Each rank runs a strided shard (all ranks run the same number of batches: the MoE all-to-all
     needs every rank in every forward), then the outputs are gathered and put back in row order."""
-    rank, world = collectives.rank(), collectives.world_size()
     columns = model_input_columns(encoded_split)
     n = len(encoded_split)
-    shard = list(range(rank, n, world))
-    batches = math.ceil(math.ceil(n / world) / batch_size)
     engine.eval()
-    outputs = {}
-    for b in range(batches):
-        rows = shard[b * batch_size:(b + 1) * batch_size]
-        batch = encoded_split.select(rows or [0])[:]  # a rank with nothing left still joins the forward
+    outputs, shard = {}, []
+    for rows, batch in shard_batches(encoded_split, batch_size):
+        shard += rows
         out = engine.module(**{c: batch[c] for c in columns})
         for key in ("logits", "start_logits", "end_logits"):
             if getattr(out, key, None) is not None:
@@ -405,15 +418,10 @@ def evaluate_lm(engine, encoded_split, batch_size: int) -> dict:
     """Perplexity over the target tokens: each rank sums the next-token NLL of a strided shard (every rank
     runs as many batches: MoE all-to-alls and ZeRO-3 gathers need all ranks), then the sums are all-reduced.
     The logits never leave a rank (a [rows, length, vocab] gather would not fit)."""
-    rank, world = collectives.rank(), collectives.world_size()
     columns = [c for c in model_input_columns(encoded_split) if c != "labels"]
-    shard = list(range(rank, len(encoded_split), world))
-    batches = math.ceil(math.ceil(len(encoded_split) / world) / batch_size)
     totals = torch.zeros(2, dtype=torch.float64)  # summed NLL, target tokens
     engine.eval()
-    for b in range(batches):
-        rows = shard[b * batch_size:(b + 1) * batch_size]
-        batch = encoded_split.select(rows or [0])[:]
+    for rows, batch in shard_batches(encoded_split, batch_size):
         logits = engine.module(**{c: batch[c] for c in columns}).logits.float()
         targets = batch["labels"][:, 1:].to(logits.device)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
