@@ -14,7 +14,7 @@ from mn_harness import job_args, record
 pytestmark = [pytest.mark.multinode, pytest.mark.distributed]
 LAUNCH = mh.REPO / "launch"
 GIVE_UP_S = 20  # OMOE_DIST_TIMEOUT: how long a rank waits for a missing peer
-BOUND_S = 240  # the whole job must be over by then (ranks start in ~15-60 s on 2 busy cores)
+BOUND_S = 240  # the launch is killed (and the test fails) if the job is not over by then: a hang guard, not a timing
 # What rank 0 says when it gives up: the rendezvous failed, or the init watchdog (OMOE_DIST_TIMEOUT + 60 s) fired.
 RANK0_GAVE_UP = r"rank 0 of 2 on host \S+ \(ssh 127\.0\.0\.2\)(?: could not join the|: no) process group at "
 
@@ -25,13 +25,12 @@ def launch(cluster, tmp_path, job_dir, hostfile, *extra_args, master_port=None):
         "DS_ENV_FILE": str(cluster.deepspeed_env_file(tmp_path / "ds_env",
                                                       extra={"OMOE_DIST_TIMEOUT": str(GIVE_UP_S)}))})
     return mh.run_job(["bash", LAUNCH / "multinode_pdsh.sh", *job_args(job_dir), *extra_args], env, job_dir,
-                      timeout=BOUND_S + 60)
+                      timeout=BOUND_S)
 
 
 def assert_ended(run: mh.Run, job_dir) -> None:
-    assert not run.timed_out, f"the job did not end within {BOUND_S + 60}s:\n{run.describe()}"
+    assert not run.timed_out, f"the job did not end within {BOUND_S}s:\n{run.describe()}"
     assert run.returncode != 0, run.describe()
-    assert run.seconds < BOUND_S, run.describe()
     left = mh.wait_no_processes(str(job_dir), timeout=15)
     assert not left, f"orphans after the job ended: {left}"
 
