@@ -42,8 +42,8 @@ DEFAULT_SHAPES = ["small", "minilm_realistic", "bert_base_realistic"]
 SKIP_STEP = 5
 
 
-def launch_self(script, worker_args):
-    """Run `script --worker-out FILE worker_args` on 2 CPU ranks; print the JSON rank 0 wrote."""
+def launch_self(script, worker_args) -> str:
+    """Run `script --worker-out FILE worker_args` on 2 CPU ranks; print and return the JSON rank 0 wrote."""
     # Not environment.free_local_port: importing omoe_ds imports deepspeed, which logs to stdout before our JSON.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,7 +62,9 @@ def launch_self(script, worker_args):
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
             sys.exit(proc.returncode)
-        print(open(out).read())
+        printed = open(out).read()
+        print(printed)
+        return printed
 
 
 def preapply_o_steps(omoe, o_steps: int, seed: int = 0) -> None:
@@ -217,14 +219,15 @@ def worker(args):
 
 
 def cli(script, parser, worker, forwarded):
-    """As a launched rank (--worker-out), run worker(args); else launch `script` on 2 ranks with forwarded(args)."""
+    """As a launched rank (--worker-out), run worker(args); else launch `script` on 2 ranks with forwarded(args).
+    Returns the parsed args and, in the launching process, the JSON text the ranks wrote."""
     parser.add_argument("--worker-out", default=None)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     if args.worker_out:
         worker(args)
-    else:
-        launch_self(script, forwarded(args))
+        return args, None
+    return args, launch_self(script, forwarded(args))
 
 
 if __name__ == "__main__":
