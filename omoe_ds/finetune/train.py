@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..checkpoint.export import EXPERT_COUNT_FIELDS, is_export, load_exported
+from ..checkpoint.export import EXPERT_COUNT_FIELDS, is_converted_export, is_export, load_exported
 from ..checkpoint.layout import META_FILE, latest_complete_tag, resolve_tag_dir
 from ..checkpoint.state import check_omoe_config, fault_point, load_checkpoint, prune_checkpoints, save_checkpoint
 from ..core import collectives, environment
@@ -328,7 +328,7 @@ def seed_everything(seed: int) -> None:
 
 
 def load_model(spec, model_path: str, args):
-    if is_export(model_path):  # an omoe_ds.export directory: already MoE, its layout is fixed
+    if is_converted_export(model_path):  # an omoe_ds.export of a converted encoder: its MoE layout is fixed
         moe = json.load(open(os.path.join(model_path, "config.json")))["omoe_moe"]
         if args.experts != moe["num_experts"] or args.top_k != moe["k"]:
             raise OMoEConfigError(f"--model {model_path} is an exported MoE model with {moe['num_experts']} experts, "
