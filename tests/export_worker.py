@@ -15,7 +15,13 @@ job: the real default model (--model minilm-l6, whose config.json names BertMode
 DATA (csv): 3 steps with an O step, checkpoint at the end; the engine's last eval outputs (test split) and their
 inputs go to OUT/job_engine_outputs.pt; rank 0 exports with the CLI's main to OUT/job_export; then
 omoe_ds.train runs again with --model OUT/job_export at EP=1 (OUT/job_again).
-all: train, export, load and job in one launch (what tests/test_export.py runs).
+decoder_zero3: a tiny random llama upcycled to Mixtral in layers 0 and 2 of 4 (top-2 of 4 experts) trains 3 steps
+(an O step at 2) through DeepSpeed AutoEP at EP = 2 under ZeRO-3 and saves to OUT/z3_ckpt (tag "step3"); rank 0
+writes the engine's parameters, gathered (deepspeed.zero.GatheredParameters, experts all-gathered over the EP group),
+and its logits on Z3_EVAL to OUT/z3_engine.pt and exports the checkpoint to OUT/z3_export (Qwen2-MoE); then both
+ranks load that export with from_pretrained and train it 3 more steps through AutoEP at ZeRO-3 (qwen3_moe preset),
+an O step included (OUT/z3_further.json).
+all: train, export, load, job and decoder_zero3 in one launch (what tests/test_export.py runs).
 """
 import argparse
 import contextlib
@@ -168,15 +174,97 @@ def job(args):
                     "--max-steps", "3", "--save-every", "3"])
 
 
+Z3_TAG, Z3_LAYERS, Z3_VOCAB = "step3", (0, 2), 64
+
+
+def z3_batch(seed: int, rows: int = 8):
+    """Seeded token ids with padding on the right of some rows (the pad id is 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, Z3_VOCAB, (rows, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1::3, 7:] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+Z3_EVAL = 100  # the seed of the eval batch
+
+
+def z3_engine(model, steps: int):
+    """model through AutoEP (EP = world) under ZeRO-3 with OMoE (an O step every 2nd step), trained `steps` steps."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8 // world, "steps_per_print": 10 ** 9,
+              "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True, "weight_decay": 0.0}},
+              "expert_parallel": {"enabled": True, "autoep_size": world, "use_grouped_mm": False},
+              "omoe": {"skip_step": 2, "alpha0": 0.1}}
+    engine, *_ = omoe_ds.initialize(model=model, config=config)
+    for step in range(steps):
+        batch = {k: v[rank * 8 // world:(rank + 1) * 8 // world] for k, v in z3_batch(step).items()}
+        engine.backward(engine(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss)
+        engine.step()
+    return engine
+
+
+def gathered_parameters(engine) -> dict:
+    """Every parameter whole: ZeRO-3 partitions gathered, each AutoEP expert tensor all-gathered over the EP group
+    into [num_experts, …] (EP rank r holds experts r·E_local …)."""
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    for name in [n for n in params if ".experts.w" in n]:
+        parts = [torch.empty_like(params[name]) for _ in range(dist.get_world_size())]
+        torch.distributed.all_gather(parts, params[name].contiguous())
+        params[name] = torch.cat(parts)
+    return params
+
+
+def decoder_zero3(args):
+    import json
+    import transformers
+    from omoe_ds.checkpoint.export import export_checkpoint
+    from omoe_ds.finetune.upcycle import UpcycleConfig, upcycle_to_mixtral
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=Z3_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                      tie_word_embeddings=True)
+    model = upcycle_to_mixtral(transformers.LlamaForCausalLM(config),
+                               UpcycleConfig(num_experts=4, top_k=2, layers=Z3_LAYERS))
+    engine = z3_engine(model, 3)
+    save_dir = os.path.join(args.out, "z3_ckpt")
+    omoe_ds.save_checkpoint(engine, save_dir, tag=Z3_TAG, model_config=engine.module.config)
+    params = gathered_parameters(engine)
+    engine.module.eval()
+    with torch.no_grad():  # every rank runs the same batch: AutoEP's all-to-all needs each in every forward
+        logits = engine.module(**z3_batch(Z3_EVAL)).logits.clone()
+    if dist.get_rank() == 0:
+        torch.save({"params": params, "logits": logits, "o_steps": engine.omoe.o_steps_done},
+                   os.path.join(args.out, "z3_engine.pt"))
+        export_checkpoint(save_dir, os.path.join(args.out, "z3_export"))
+    dist.barrier()
+
+    # Further training of the export: plain from_pretrained, then AutoEP's qwen3_moe preset (it covers Qwen2-MoE).
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(args.out, "z3_export"))
+    engine = z3_engine(model.train(), 3)  # from_pretrained returns eval mode, where OMoE records nothing
+    params = gathered_parameters(engine)
+    if dist.get_rank() == 0:
+        shared = {n: float(p.abs().max()) for n, p in params.items() if "shared_expert" in n}
+        with open(os.path.join(args.out, "z3_further.json"), "w") as f:
+            json.dump({"class": type(engine.module).__name__, "steps": engine.global_steps,
+                       "o_steps": engine.omoe.o_steps_done, "omoe_layers": len(engine.omoe.layers),
+                       "shared_expert_max_abs": shared}, f)
+    dist.barrier()
+
+
 def all_suites(args):
     train(args)
     export(args)
     load(args)
     if args.data:
         job(args)
+    decoder_zero3(args)
 
 
-SUITES = {"train": train, "export": export, "load": load, "job": job, "all": all_suites}
+SUITES = {"train": train, "export": export, "load": load, "job": job, "decoder_zero3": decoder_zero3, "all": all_suites}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

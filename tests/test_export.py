@@ -7,6 +7,7 @@ CLI, load the export in this process at EP=1 and on 2 ranks at EP=2, and compare
 same launch runs the training job on the real default model (minilm-l6) and exports and retrains that.
 The error tests use a checkpoint saved by a one-process engine in this process.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -503,3 +504,107 @@ def test_an_older_jobs_checkpoint_naming_the_pretrained_base_class_exports_as_th
     assert load_exported(out, head="sequence_classification", bind_groups=False) is not None
     refused(ckpt_copy, tmp_path / "out", ["architecture mismatch", "BertModel", "bert.embeddings"],
             config_dir=str(ckpt_copy / "step2" / "hf_model"))
+
+
+# ZeRO-3 through AutoEP, a decoder upcycled in some layers only: the same launch (export_worker's decoder_zero3)
+
+FP32_EPS = 2.0 ** -23
+
+
+def z3_expected(name: str) -> list:
+    """The engine's parameters that make the exported tensor `name`: AutoEP's w1/w3/w2 [E, …] and router.gate
+    become the transformers block's gate_up_proj = [w1 | w3], down_proj = w2 and gate; the tied head is the
+    embedding; the Qwen2-MoE shared expert has none (it is zero)."""
+    block, _, rest = name.partition(".mlp.")
+    parts = {"experts.gate_up_proj": ["experts.w1", "experts.w3"], "experts.down_proj": ["experts.w2"],
+             "gate.weight": ["router.gate.weight"]}
+    if rest in parts:
+        return [f"{block}.mlp.{part}" for part in parts[rest]]
+    if rest.startswith("shared_expert"):
+        return []
+    return ["model.embed_tokens.weight" if name == "lm_head.weight" else name]
+
+
+@pytest.mark.distributed
+def test_zero3_autoep_checkpoint_exports_the_engines_gathered_parameters_element_for_element(ep2_run):
+    import transformers
+    from deepspeed.checkpoint import ds_to_universal
+    from omoe_ds.checkpoint.zero3 import read_zero3
+    engine = torch.load(ep2_run / "z3_engine.pt")
+    assert engine["o_steps"] == 1
+    # save_pretrained writes experts one by one, from_pretrained fuses them back bit for bit (test_export_fused.py)
+    state = transformers.AutoModelForCausalLM.from_pretrained(str(ep2_run / "z3_export")).state_dict()
+    used = set()
+    for name, tensor in state.items():
+        sources = z3_expected(name)
+        if not sources:
+            assert not tensor.any(), name
+            continue
+        expected = torch.cat([engine["params"][s] for s in sources], dim=1 if len(sources) > 1 else 0)
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+        used.update(sources)
+    assert used == set(engine["params"])  # every engine parameter, gathered, element for element
+    # DeepSpeed's own expert-aware converter (ds_to_universal, which needs Adam's moments) gathers the same fp32 tensors
+    tag = ep2_run / "z3_ckpt" / "step3"
+    universal = ep2_run / "z3_universal" / "step3"
+    ds_to_universal.main(argparse.Namespace(input_folder=str(tag), output_folder=str(universal), num_extract_workers=1,
+                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                            inject_missing_state=False))
+    _, params, experts = read_zero3(str(tag))
+    assert sorted(experts) == sorted(n for n in engine["params"] if ".experts.w" in n)
+    for name, tensor in params.items():
+        if name == "lm_head.weight":  # tied: DeepSpeed keeps the embedding only
+            continue
+        stored = torch.load(universal / "zero" / name / "fp32.pt", weights_only=False)
+        stored = stored["param"] if isinstance(stored, dict) else stored
+        assert torch.equal(stored.reshape(tensor.shape), tensor), name
+
+
+@pytest.mark.distributed
+def test_partially_upcycled_decoder_exports_as_qwen2_moe_with_the_engines_logits(ep2_run):
+    """Layers 1 and 3 stayed dense: Qwen2-MoE holds them as mlp_only_layers. Plain from_pretrained loads it and its
+    logits equal the trained engine's within fp32 reduction-order rounding."""
+    import transformers
+    from export_worker import Z3_EVAL, z3_batch
+    export = ep2_run / "z3_export"
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(export), output_loading_info=True)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and not any(info.values()), info
+    config = model.config
+    assert config.mlp_only_layers == [1, 3] and config.norm_topk_prob and not config.qkv_bias
+    assert config.num_experts == 4 and config.num_experts_per_tok == 2 and config.tie_word_embeddings
+    meta = config.omoe_export
+    assert meta["trained_architecture"] == "MixtralForCausalLM" and meta["source_zero_stage3"] is True
+    assert meta["num_experts_per_layer"] == [4, 4] and meta["global_steps"] == 3
+    engine = torch.load(ep2_run / "z3_engine.pt")
+    with torch.no_grad():
+        logits = model.eval()(**z3_batch(Z3_EVAL)).logits
+    # Same weights, same operations; AutoEP combines the top-k expert outputs and sums its GEMMs in another order.
+    # A reordered fp32 sum differs by a few ulp of its magnitude: 4 ulp per decoder layer and the head, at the
+    # logits' scale. Two experts swapped, or a dense layer routed, move logits by ≫ 1e-3.
+    bound = 4 * (config.num_hidden_layers + 1) * FP32_EPS * max(engine["logits"].abs().max().item(), 1.0)
+    assert (logits - engine["logits"]).abs().max().item() <= bound
+    assert load_exported(str(export)).config.mlp_only_layers == [1, 3]
+
+
+@pytest.mark.distributed
+def test_the_qwen2_moe_export_trains_further_through_autoep_at_zero3(ep2_run):
+    """from_pretrained of the export, AutoEP's qwen3_moe preset (which covers Qwen2-MoE), ZeRO-3, OMoE: it trains,
+    O step included, and the zero shared expert stays exactly zero (every gradient of it has a zero factor)."""
+    further = json.loads((ep2_run / "z3_further.json").read_text())
+    assert further["class"] == "Qwen2MoeForCausalLM" and further["steps"] == 3 and further["o_steps"] == 1
+    assert further["omoe_layers"] == 2
+    assert len(further["shared_expert_max_abs"]) == 8 and not any(further["shared_expert_max_abs"].values())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("removed, match", [
+    ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
+    ("zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt is missing"),
+])
+def test_incomplete_zero3_checkpoint_is_refused_naming_the_file(ep2_run, tmp_path, removed, match):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ep2_run / "z3_ckpt", ckpt)
+    os.remove(ckpt / "step3" / removed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the completion marker lists the removed file
+        refused(ckpt, tmp_path / "out", [match, "export another tag"])

@@ -21,7 +21,10 @@ without omoe_moe whose model has experts that omoe_ds.experts.hf_fused recognise
 export is the model's own `save_pretrained` directory (transformers writes the experts in the model's original
 checkpoint layout, and `from_pretrained` fuses them back, bit for bit), with `omoe_export.layout` "hf-fused";
 plain `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it, and so does `load_exported(out)`, at
-ep_size 1 only.
+ep_size 1 only. Trained through DeepSpeed AutoEP, its experts are in DeepSpeed's per-expert files (ZeRO 0-2) or, under
+ZeRO-3, only in the fp32 partitions of the optimizer files, which zero3.py gathers. A Mixtral upcycled in some layers
+only (omoe_upcycle.layers) is exported as the Qwen2-MoE model that computes the same function, its dense layers as
+`mlp_only_layers` (finetune/upcycle.py: qwen2_moe_config).
 
 A checkpoint that does not fit its config (expert count, architecture, missing or unreadable files) is
 refused with a `CheckpointError` naming the file and the mismatch; export never writes into the checkpoint.
@@ -32,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -46,12 +48,13 @@ from torch import nn
 from ..core.config import OMoEConfigError
 from ..experts.hf_fused import is_fused_experts
 from ..finetune.convert import SUPPORTED_MODEL_TYPES, MoEConversionConfig, bind_expert_groups, convert_to_moe
+from ..finetune.upcycle import is_shared_expert_key, partially_upcycled, qwen2_moe_config
 from .layout import (COMPLETE_MARKER, COMPLETE_MARKERS, EXPERT_INFIX, HF_DIR, META_FILE, NON_EXPERT_FILE,
-                     CheckpointError, expert_file)
+                     ZERO3_FILE_RE, CheckpointError, expert_file, read_torch_file, zero3_file)
+from .zero3 import AUTOEP_WEIGHTS, read_zero3, zero3_ranks
 
 EXPORT_FORMAT_VERSION = 1
 _EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_ZERO3_STATES_RE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
 CONFIG_FILE = "config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -122,7 +125,7 @@ def resolve_tag_dir(ckpt: str, tag: Optional[str] = None) -> Tuple[str, str]:
 
 
 def _has_deepspeed_files(directory: str) -> bool:
-    return any(name == NON_EXPERT_FILE or _EXPERT_FILE_RE.match(name) or _ZERO3_STATES_RE.match(name)
+    return any(name == NON_EXPERT_FILE or _EXPERT_FILE_RE.match(name) or ZERO3_FILE_RE.match(name)
                for name in os.listdir(directory))
 
 
@@ -181,25 +184,6 @@ def _warn_if_incomplete(tag_dir: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Reading the checkpoint
-
-
-def _torch_load(path: str, what: str):
-    """torch.load on the CPU, weights_only unless the file needs more (DeepSpeed's model-states file can
-    hold its config objects); a missing or unreadable file is a CheckpointError naming it."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: expected {what}; the checkpoint is incomplete (an interrupted "
-                              "save, or files removed), export another tag with --tag")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=False)  # a local file the user chose
-    except Exception as exc:  # truncated zip, bad magic number, EOF …
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {first_line}): expected {what}; "
-                              "the file is truncated or corrupt, export another tag with --tag") from exc
 
 
 def _read_config(config_dir: str, tag_dir: Optional[str], explicit: bool):
@@ -350,19 +334,18 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
     """Read a DeepSpeed MoE checkpoint (save_dir or tag dir) into one EP=1 state dict, checking it against
     its config (hf_model/ in the tag, or config_dir). Reads only; raises CheckpointError on any mismatch."""
     tag_dir, tag = resolve_tag_dir(ckpt, tag)
-    zero3 = sorted(n for n in os.listdir(tag_dir) if _ZERO3_STATES_RE.match(n))
-    if zero3 and not os.path.exists(os.path.join(tag_dir, NON_EXPERT_FILE)):
-        raise CheckpointError(f"{os.path.join(tag_dir, zero3[0])}: a ZeRO-3 checkpoint (parameters partitioned); "
-                              "exporting one is not supported yet (the experts' partitions would have to be "
-                              "gathered over each expert-data-parallel group); to export, train with ZeRO 0-2 "
-                              "(e.g. ds_configs/finetune_zero2.json; decoders keep --expert-parallel autoep)")
+    zero3 = bool(zero3_ranks(tag_dir)) and not os.path.exists(os.path.join(tag_dir, NON_EXPERT_FILE))
     _check_marker_sizes(tag_dir, [NON_EXPERT_FILE, os.path.join(HF_DIR, CONFIG_FILE)]
-                        + sorted(n for n in os.listdir(tag_dir) if _EXPERT_FILE_RE.match(n)))
+                        + sorted(n for n in os.listdir(tag_dir) if _EXPERT_FILE_RE.match(n) or ZERO3_FILE_RE.match(n)))
     explicit = config_dir is not None
     config, config_path, layout = _read_config(config_dir if explicit else os.path.join(tag_dir, HF_DIR), tag_dir,
                                                explicit)
     if layout == HF_FUSED:
-        return _read_fused(tag_dir, tag, config, config_path)
+        return _read_fused(tag_dir, tag, config, config_path, zero3)
+    if zero3:  # DeepSpeed refuses native MoE under ZeRO-3, so no omoe-ds job wrote this
+        raise CheckpointError(f"{os.path.join(tag_dir, zero3_file(0, 'model'))}: a ZeRO-3 checkpoint, but {config_path} "
+                              "describes an encoder converted to DeepSpeed native MoE, which DeepSpeed does not run "
+                              "under ZeRO-3; pass the config of the model this checkpoint was trained with (--config)")
     conversion = _conversion_config(config.omoe_moe, config_path)
     M = conversion.num_experts
 
@@ -433,7 +416,7 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
                                   "is incomplete (an interrupted save?) — export another tag with --tag")
         for g in range(M):
             path = os.path.join(tag_dir, files[g])
-            tensors = _torch_load(path, f"the tensors of MoE layer {L} ({name}) expert {g}")
+            tensors = read_torch_file(path, f"the tensors of MoE layer {L} ({name}) expert {g}")
             prefix = f"{name}{EXPERT_INFIX}{g}."
             expected_keys = {k for k in expected if k.startswith(prefix)}
             if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
@@ -463,7 +446,7 @@ def read_checkpoint(ckpt: str, tag: Optional[str] = None, config_dir: Optional[s
 def _model_states(tag_dir: str, holding: str):
     """(path, DeepSpeed's model-states dict, its 'module' state dict) of a tag, checked to be tensors."""
     states_path = os.path.join(tag_dir, NON_EXPERT_FILE)
-    states = _torch_load(states_path, f"DeepSpeed's model-states file ({holding})")
+    states = read_torch_file(states_path, f"DeepSpeed's model-states file ({holding})")
     if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
         raise CheckpointError(f"{states_path} is not a DeepSpeed model-states file: it holds no 'module' state dict")
     module_state = states["module"]
@@ -490,10 +473,27 @@ def _fitting_class(candidates: List[type], module_state: dict, build, held):
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> ConsolidatedCheckpoint:
-    """A checkpoint of a transformers fused-expert MoE model: every tensor, experts included, is in DeepSpeed's
-    model-states file, under the model's own state-dict keys."""
-    states_path, states, module_state = _model_states(tag_dir, "every tensor, the fused experts included")
+def _read_fused(tag_dir: str, tag: str, config, config_path: str, zero3: bool) -> ConsolidatedCheckpoint:
+    """A checkpoint of a transformers fused-expert MoE model, under the model's own state-dict keys: every tensor in
+    DeepSpeed's model-states file (experts included, or, trained through AutoEP, the experts in DeepSpeed's per-expert
+    files), or under ZeRO-3 gathered from the fp32 partitions (zero3.py). A Mixtral upcycled in some layers only
+    is exported as the Qwen2-MoE model computing the same function (upcycle.qwen2_moe_config)."""
+    trained_as = None
+    if partially_upcycled(config):
+        trained_as = (getattr(config, "architectures", None) or [None])[0]
+        try:
+            config = qwen2_moe_config(config)
+        except OMoEConfigError as exc:
+            raise CheckpointError(f"{config_path}: {exc}") from exc
+    expert_files = _expert_files(tag_dir)
+    if zero3:
+        states_path = os.path.join(tag_dir, zero3_file(0, "model"))
+        states, module_state, expert_layers = read_zero3(tag_dir)
+        autoep = {name[:-len(".experts.w1")]: {w: module_state.pop(name[:-2] + w) for w in AUTOEP_WEIGHTS}
+                  for name in expert_layers if name.endswith(".experts.w1")}
+    else:
+        states_path, states, module_state = _model_states(tag_dir, "every tensor, the fused experts included")
+        autoep = _autoep_expert_files(tag_dir, expert_files, config_path) if expert_files else {}
     candidates = _candidate_classes(config, config_path, heads=FUSED_HEADS)
     chosen, model = _fitting_class(candidates, module_state, lambda cls: _meta_model([cls], config, config_path),
                                    lambda key: True)
@@ -501,10 +501,12 @@ def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> Consolidate
         chosen, model = candidates[0], _meta_model(candidates[:1], config, config_path)
     experts = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
     where = f"{chosen.__name__} (model_type {config.model_type}, {len(experts)} fused-expert layers) from {config_path}"
-    expert_files = _expert_files(tag_dir)
-    if expert_files:
-        module_state = _fused_from_autoep(tag_dir, expert_files, module_state, where, config)
     expected = model.state_dict()
+    if autoep:
+        module_state = _fused_from_autoep(module_state, autoep, states_path, where)
+    if trained_as is not None:  # the Qwen2-MoE shared experts, which add exactly 0
+        module_state.update({k: torch.zeros(t.shape, dtype=t.dtype) for k, t in expected.items()
+                             if is_shared_expert_key(k) and k not in module_state})
     _check_keys(states_path, set(module_state), set(expected), where)
     expert_keys = [f"{name}.{p}" for name, _ in experts for p in ("gate_up_proj", "down_proj")]
     for key in expert_keys + [k for k in module_state if k not in set(expert_keys)]:
@@ -521,40 +523,48 @@ def _read_fused(tag_dir: str, tag: str, config, config_path: str) -> Consolidate
                               "layers?), pass that one with --config")
     layers = [{"moe_layer_id": L, "module": name, "num_experts": m.gate_up_proj.shape[0],
                "fused_parameters": [f"{name}.gate_up_proj", f"{name}.down_proj"]} for L, (name, m) in enumerate(experts)]
+    meta = {**_states_meta(states), "zero3": zero3, "trained_as": trained_as}
     return ConsolidatedCheckpoint(dict(module_state), config, config_path, None, chosen.__name__, tag_dir, tag,
-                                  _states_meta(states), layers, HF_FUSED, model)
+                                  meta, layers, HF_FUSED, model)
 
 
 _AUTOEP_KEY_RE = re.compile(r"^(.*)\.experts\.(w1|w2|w3)\.(\d+)$")
 
 
-def _fused_from_autoep(tag_dir: str, expert_files, module_state: dict, where: str, config) -> dict:
-    """A checkpoint trained through DeepSpeed AutoEP keeps each expert's w1 (gate), w3 (up) [ff, d] and w2 (down)
-    [d, ff] in DeepSpeed's per-expert files and the router as `<block>.router.gate.weight` (aliased as
-    `<block>.gate.gate.weight`): put them back in the transformers block's own keys, gate_up_proj = [w1; w3]."""
+def _autoep_expert_files(tag_dir: str, expert_files, config_path: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{block: {w1, w2, w3: [E, …]}} from the per-expert files AutoEP writes under ZeRO 0-2 (keys
+    `<block>.experts.w1.<global id>`)."""
     experts: Dict[str, Dict[str, Dict[int, torch.Tensor]]] = {}
     for L in sorted(expert_files):
         for e, name in sorted(expert_files[L].items()):
             path = os.path.join(tag_dir, name)
-            for key, tensor in _torch_load(path, "one expert's weights").items():
+            for key, tensor in read_torch_file(path, "one expert's weights").items():
                 m = _AUTOEP_KEY_RE.match(key)
                 if m is None:
                     raise CheckpointError(f"architecture mismatch: {path} is a DeepSpeed MoE expert file holding "
-                                          f"{key!r}, but {where} keeps its experts as fused parameters in "
-                                          f"{NON_EXPERT_FILE}; pass the converted model's config (with omoe_moe) with "
-                                          "--config")
+                                          f"{key!r}, but {config_path} describes a model that keeps its experts as "
+                                          f"fused parameters in {NON_EXPERT_FILE}; pass the converted model's config "
+                                          "(with omoe_moe) with --config")
                 experts.setdefault(m.group(1), {}).setdefault(m.group(2), {})[int(m.group(3))] = tensor
-    kept = (getattr(config, "omoe_upcycle", None) or {}).get("layers")
-    if kept is not None and len(kept) != config.num_hidden_layers:
-        raise CheckpointError(f"{where}: only decoder layers {kept} were upcycled to MoE (omoe_upcycle), and a "
-                              "Mixtral checkpoint cannot hold dense layers between MoE ones; export is for models "
-                              "upcycled in every layer (drop --moe-layers) or trained as MoE checkpoints")
+    return {block: {w: torch.stack([by_id[e] for e in sorted(by_id)]) for w, by_id in weights.items()}
+            for block, weights in experts.items()}
+
+
+def _fused_from_autoep(module_state: dict, autoep: Dict[str, Dict[str, torch.Tensor]], states_path: str,
+                       where: str) -> dict:
+    """AutoEP keeps each expert's w1 (gate), w3 (up) [ff, d] and w2 (down) [d, ff] and the router as
+    `<block>.router.gate.weight` (aliased as `<block>.gate.gate.weight`): put them back in the transformers block's
+    own keys, gate_up_proj = [w1; w3] per expert."""
     state = {k: v for k, v in module_state.items() if not k.endswith((".router.gate.weight", ".gate.gate.weight"))}
-    for block, weights in experts.items():
-        ids = sorted(weights["w1"])
-        state[f"{block}.experts.gate_up_proj"] = torch.stack([torch.cat([weights["w1"][e], weights["w3"][e]]) for e in ids])
-        state[f"{block}.experts.down_proj"] = torch.stack([weights["w2"][e] for e in ids])
-        state[f"{block}.gate.weight"] = module_state[f"{block}.router.gate.weight"]
+    for block, weights in autoep.items():
+        router = f"{block}.router.gate.weight"
+        if router not in module_state or set(weights) != set(AUTOEP_WEIGHTS):
+            raise CheckpointError(f"architecture mismatch: {states_path} holds AutoEP experts of {block} with "
+                                  f"{sorted(weights)} and {'a' if router in module_state else 'no'} {router}; {where} "
+                                  f"needs w1, w2, w3 and the router")
+        state[f"{block}.experts.gate_up_proj"] = torch.cat([weights["w1"], weights["w3"]], dim=1)
+        state[f"{block}.experts.down_proj"] = weights["w2"]
+        state[f"{block}.gate.weight"] = module_state[router]
     return state
 
 
@@ -630,6 +640,9 @@ def export_checkpoint(ckpt: str, out: str, tag: Optional[str] = None, config_dir
         "global_samples": source.model_states.get("global_samples"),
         "deepspeed_version": source.model_states.get("ds_version"),
         "complete_marker": _marker_path(source.tag_dir) is not None,
+        "source_zero_stage3": bool(source.model_states.get("zero3")),
+        # a partially upcycled Mixtral is exported as Qwen2-MoE (the same function): the class it trained as
+        "trained_architecture": source.model_states.get("trained_as") or source.architecture,
         "dtypes": dtypes,
     }
     parent = os.path.dirname(out)
@@ -903,6 +916,17 @@ def _load_fused(path: str, config, config_path: str, ep_size: int, head) -> nn.M
         raise CheckpointError(f"expert count mismatch: {config_path} records experts per layer {recorded}, the model "
                               f"built from it has {[m.gate_up_proj.shape[0] for m in experts]}")
     return model.eval()
+
+
+def is_converted_export(path: str) -> bool:
+    """Whether `path` is an export of an encoder converted to DeepSpeed native MoE (omoe_moe in its config), which
+    load_exported rebuilds; an export of a transformers MoE model (Mixtral, Qwen2-MoE …) loads by from_pretrained."""
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            config = json.load(f)
+        return isinstance(config.get("omoe_export"), dict) and isinstance(config.get("omoe_moe"), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def is_export(path: str) -> bool:

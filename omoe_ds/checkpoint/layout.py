@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from typing import Dict, List, Optional
 
@@ -23,6 +24,8 @@ NON_EXPERT_FILE = "mp_rank_00_model_states.pt"
 DENSE_FILE = "universal_dense.pt"  # a resharded checkpoint's non-expert parameters (reshard.py)
 COMMON_FILE = "universal_common.pt"  # its lr scheduler, step counters, client state, optimizer groups
 COMPLETE_MARKERS = (COMPLETE_MARKER, "omoe_complete")  # export also accepts the bare name
+# DeepSpeed's ZeRO-3 files, one pair per data-parallel rank: (rank, tensor-parallel rank, "model" | "optim")
+ZERO3_FILE_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
 class CheckpointError(OMoEConfigError):
@@ -68,6 +71,11 @@ def rank_file(rank: int) -> str:
 def universal_expert_file(layer: int, global_expert: int) -> str:
     """An expert's consolidated parameters and optimizer state in a resharded checkpoint."""
     return f"universal_layer{layer}_e{global_expert}.pt"
+
+
+def zero3_file(rank: int, kind: str) -> str:
+    """DeepSpeed's ZeRO-3 model-states ("model") or optimizer-states ("optim") file of a data-parallel rank."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
 
 
 def expert_file(layer: int, global_expert: int) -> str:
@@ -143,6 +151,26 @@ def resolve_tag_dir(path: str, tag: Optional[str] = None) -> str:
     if not os.path.isdir(tag_dir):
         raise CheckpointError(f"{tag_dir}: no such checkpoint directory")
     return tag_dir
+
+
+def read_torch_file(path: str, what: str, mmap: bool = False):
+    """torch.load on the CPU, weights_only unless the file needs more (DeepSpeed's states files can hold its
+    config objects); a missing or unreadable file is a CheckpointError naming it. mmap: leave the tensors on disk
+    until read (ZeRO optimizer files also hold the moments, which export never reads)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: expected {what}; the checkpoint is incomplete (an interrupted "
+                              "save, or files removed), export another tag with --tag")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            if "weights only" not in str(exc).lower() and "weights_only" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # a local file the user chose
+    except Exception as exc:  # truncated zip, bad magic number, EOF …
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {first_line}): expected {what}; "
+                              "the file is truncated or corrupt, export another tag with --tag") from exc
 
 
 def write_json_atomic(path: str, payload) -> None:

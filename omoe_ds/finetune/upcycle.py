@@ -9,7 +9,9 @@ at init the MoE model's logits equal the dense model's (to fp32 rounding). The r
 small (seeded, the same on every rank), so tokens spread over the experts from the first step.
 
 Layers not chosen keep the dense MLP module itself inside the Mixtral layer: AutoEP matches the
-`model.layers.N.mlp` modules whose class is Mixtral's, so it skips them, and OMoE never sees them.
+`model.layers.N.mlp` modules whose class is Mixtral's, so it skips them, and OMoE never sees them. Mixtral's own
+config cannot say that, so such a model is exported as Qwen2-MoE (`qwen2_moe_config`), whose `mlp_only_layers`
+hold dense MLPs and which computes the same function.
 """
 from __future__ import annotations
 
@@ -121,3 +123,48 @@ def upcycle_to_mixtral(model: nn.Module, upcycle: UpcycleConfig) -> nn.Module:
             tensor.copy_(dense[mlp + "down_proj.weight"].expand_as(tensor))
     moe.train(model.training)
     return moe
+
+
+def partially_upcycled(config) -> bool:
+    """Whether `config` (a Mixtral written by upcycle_to_mixtral) keeps dense MLPs in some decoder layers."""
+    layers = (getattr(config, "omoe_upcycle", None) or {}).get("layers")
+    return layers is not None and sorted(layers) != list(range(config.num_hidden_layers))
+
+
+# The Qwen2-MoE shared expert the export adds: one hidden unit, all weights zero, so it adds exactly 0 (its gate
+# sigmoid(0) = 1/2 times 0). Its gradients are exactly 0 as well (every one has a zero factor), so further training
+# keeps it 0; one unit rather than none because ZeRO-3 and AutoEP partition parameters and zero-size ones are untested.
+SHARED_EXPERT_WIDTH = 1
+_SHARED_EXPERT_KEY = re.compile(r".*\.mlp\.shared_expert(\.\w+_proj|_gate)\.weight")
+
+
+def is_shared_expert_key(name: str) -> bool:
+    return _SHARED_EXPERT_KEY.fullmatch(name) is not None
+
+
+def qwen2_moe_config(mixtral):
+    """The Qwen2-MoE config of a partially upcycled Mixtral (same head), computing the same function:
+    `mlp_only_layers` keep dense SwiGLU MLPs of the dense width, the other layers route to the same experts.
+    Qwen2-MoE takes the softmax over all experts, then the top k, renormalised (`norm_topk_prob`) — what
+    transformers' Mixtral router computes; its q/k/v biases are off (`qkv_bias=False`), sliding windows off, and its
+    shared expert adds exactly 0 (SHARED_EXPERT_WIDTH). Norm eps, RoPE, heads, tied embeddings and labels are
+    copied as upcycling copied them from the dense model."""
+    from transformers import Qwen2MoeConfig
+    for field, neutral in (("sliding_window", None), ("router_jitter_noise", 0.0)):
+        if getattr(mixtral, field, neutral) not in (neutral, 0):
+            raise OMoEConfigError(f"{mixtral.model_type} {field}={getattr(mixtral, field)}: the Qwen2-MoE form of a "
+                                  f"partially upcycled model has no {field}; upcycle_to_mixtral sets {neutral}")
+    values = mixtral.to_dict()
+    kept = {k: values[k] for k in COPIED_CONFIG_KEYS if values.get(k) is not None}
+    moe = set(mixtral.omoe_upcycle["layers"])
+    config = Qwen2MoeConfig(**kept, moe_intermediate_size=mixtral.intermediate_size,
+                            num_experts=mixtral.num_local_experts, num_experts_per_tok=mixtral.num_experts_per_tok,
+                            norm_topk_prob=True, qkv_bias=False, use_sliding_window=False, decoder_sparse_step=1,
+                            mlp_only_layers=[i for i in range(mixtral.num_hidden_layers) if i not in moe],
+                            shared_expert_intermediate_size=SHARED_EXPERT_WIDTH,
+                            router_aux_loss_coef=mixtral.router_aux_loss_coef, output_router_logits=False)
+    config.architectures = [name.replace("Mixtral", "Qwen2Moe", 1) for name in mixtral.architectures or []]
+    for extra in ("omoe_upcycle", "omoe_job"):
+        if getattr(mixtral, extra, None) is not None:
+            setattr(config, extra, getattr(mixtral, extra))
+    return config
