@@ -75,9 +75,6 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                   "check expert_parallel.preset_model")
         check_ep_sizes(layers, collectives.world_size())
         _refuse_recomputed_layers(engine.module, layers)  # after the replacement, before any forward
-        if omoe_config.projection_side == "token":
-            raise OMoEConfigError("omoe.projection_side=\"token\": AutoEP layers project on the gradient side only "
-                                  "(one bmm per w1, w3, w2 gradient); set \"projection_side\": \"gradient\" or \"auto\"")
     engine.omoe = OMoE(engine, layers, omoe_config) if omoe_config.enabled else None
     return engine, engine_optimizer, loader, scheduler
 

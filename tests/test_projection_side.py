@@ -1,6 +1,7 @@
 """The O-step projection on the token side, δᵀ(X̃·P̄) in place of autograd's δᵀX̃, against the gradient side
-[G_W | g_b]·P̄, on every expert layout (the tiny models of tests/layouts_worker.py) in both projector forms,
-with two micro-batches accumulated in one O step; and the side the cost model picks."""
+[G_W | g_b]·P̄, on every expert layout (the tiny models of tests/layouts_worker.py, and DeepSpeed AutoEP's
+for-loop, grouped_mm and fused gate/up experts) in every projector form, with two micro-batches accumulated in one
+O step; and the side the cost model picks."""
 import os
 import sys
 
@@ -20,11 +21,44 @@ U32 = 2.0 ** -24
 T_t = 3  # O steps of factors in each store
 
 
+# DeepSpeed AutoEP at EP = 1 in this process: Mixtral through its for-loop experts (torch.matmul per expert),
+# Qwen3-MoE through torch._grouped_mm, with gate and up as two GEMMs or one over [w1 | w3].
+AUTOEP_CASES = {"autoep_mixtral": {"use_grouped_mm": False}, "autoep_qwen3_moe": {"use_grouped_mm": True},
+                "autoep_qwen3_moe_fused_gate_up": {"use_grouped_mm": True, "gate_up_impl": "fused"}}
+
+
 def make(case):
     torch.manual_seed(0)
     if case.startswith("native_"):
         return NativeNet(case[len("native_"):], ep_size=1)
+    if case in AUTOEP_CASES:
+        return autoep_module(case)
     return transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[case](), experts_implementation=IMPLEMENTATION[case])
+
+
+def autoep_module(case):
+    """The model after deepspeed.initialize swapped its MoE blocks for AutoEP layers (plain DeepSpeed: the test
+    attaches the projection itself; autograd.grad leaves ZeRO-2's reduction hooks unrun)."""
+    import deepspeed
+    family = case[len("autoep_"):].replace("_fused_gate_up", "")
+    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[family]())
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "expert_parallel": {"enabled": True, "autoep_size": 1, "preset_model": family, **AUTOEP_CASES[case]}}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.module
+
+
+def count_alignment_rows(layers) -> list:
+    """[zero rows the AutoEP experts received within their aligned counts], summed over forwards."""
+    seen = [0]
+
+    def count(experts, args):
+        x, aligned = args[0], int(args[1].sum())
+        seen[0] += aligned - int((x[:aligned] != 0).any(-1).sum())
+    for layer in layers:
+        layer.experts.register_forward_pre_hook(count)
+    return seen
 
 
 def micro_batch_loss(model, case, seed):
@@ -47,8 +81,9 @@ def projected_stores(layer, storage, g):
 
 
 @pytest.mark.parametrize("storage", ["factored", "hybrid", "dense"])
-@pytest.mark.parametrize("case", CASES)
-def test_token_side_equals_gradient_side(single_process_group, case, storage):
+@pytest.mark.parametrize("case", [*CASES, *AUTOEP_CASES])
+def test_token_side_equals_gradient_side(single_process_group, monkeypatch, case, storage):
+    monkeypatch.setenv("LOCAL_RANK", "0")
     model = make(case)
     layers = find_expert_layers(model)
     g = torch.Generator().manual_seed(5)
@@ -58,6 +93,7 @@ def test_token_side_equals_gradient_side(single_process_group, case, storage):
     for L, layer in enumerate(layers):
         layer.attach_projection(views[L], lambda: active[0], [0.0])
     params = [p for layer in layers for p in layer.expert_parameters()]
+    alignment_rows = count_alignment_rows(layers) if case in AUTOEP_CASES else None
 
     def o_step(which):
         """Σ over two micro-batches of the expert gradients (None: unprojected), P̄ built once for the step."""
@@ -82,12 +118,15 @@ def test_token_side_equals_gradient_side(single_process_group, case, storage):
     # Each entry is an fp32 sum of the same T·n products δ_ti·X̃_tk·P̄_kj (T ≤ 96 routed rows per micro-batch,
     # n ≤ 25, and the 2·M·t = 24 factor terms of P̄ when factored), in another order on each side: by Higham's γ_m
     # each is within (T + n + 2·M·t)·2⁻²⁴ ≈ 9e-6 of its terms' absolute sum; these inputs keep that sum within
-    # a few times the largest entry (measured: ≤ 4e-7 of it), so 2e-5 of the largest entry.
+    # a few times the largest entry (measured: ≤ 5.5e-7 of it, AutoEP included), so 2e-5 of the largest entry.
+    # AutoEP's alignment rows (zero rows up to multiples of 8) are exact zeros in X̃·P̄: they add no rounding.
     tol = 2e-5
     for p, r, a, b in zip(params, raw, gradient, token):
         scale = a.abs().max()
         assert (a - b).abs().max() <= tol * scale, (case, storage, tuple(p.shape), ((a - b).abs().max() / scale).item())
         assert (a - r).abs().max() > 1e-2 * scale  # the projection is not the identity: the test can fail
+    if alignment_rows is not None:
+        assert alignment_rows[0] > 0  # both sides saw AutoEP's zero rows, and they agree
 
 
 def test_cost_model_counts_the_weight_gradient_product_once():

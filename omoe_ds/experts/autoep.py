@@ -19,10 +19,13 @@ recording forwards only and tells w2 by its storage (under ZeRO-3 the experts' f
 gathered it by then). DeepEP dispatch and the Triton grouped GEMM run outside torch functions and
 are refused by name, as is expert tensor parallelism (folding).
 
-Projection: one batched product per fused parameter (w1 and w3 by P̄ over x, w2 by P̄ over h), in
-tensor hooks that see each rank's full local expert gradient before ZeRO (1, 2 or 3) reduces and
-partitions it. Under ZeRO-3 the parameters are placeholders outside the forward: `matrices()` views
-are valid only inside `deepspeed.zero.GatheredParameters(layer.expert_parameters())`.
+Projection, on the side core/projection_side.py picks per stream and O step: on the gradient side one
+batched product per fused parameter (w1 and w3 by P̄ over x, w2 by P̄ over h), in tensor hooks that see
+each rank's full local expert gradient before ZeRO (1, 2 or 3) reduces and partitions it; on the token
+side fused_token_side.py returns δᵀ(X̃·P̄) from the matmul / _grouped_mm calls themselves (w1 and w3 share
+X̃·P̄), which autograd accumulates into the same full local gradient. Alignment rows are zero in x and h, so
+their X̃·P̄ rows are zero and add nothing. Under ZeRO-3 the parameters are placeholders outside the forward:
+`matrices()` views are valid only inside `deepspeed.zero.GatheredParameters(layer.expert_parameters())`.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.config import OMoEConfigError
 from ..core.projection_hooks import FusedGradProjector
 from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
+from .fused_token_side import FusedTokenSide
 
 SWIGLU_NAMES = ("gate", "up", "down")
 
@@ -82,12 +86,19 @@ class AutoEPLayer(ExpertLayer):
 
     def attach_projection(self, view: ProjectorView, is_active, timer: list) -> list:
         e = self.experts
-        return [FusedGradProjector(e.w1, lambda G: view.weight_product_stack(X, G), is_active, timer),
-                FusedGradProjector(e.w3, lambda G: view.weight_product_stack(X, G), is_active, timer),
-                FusedGradProjector(e.w2, lambda G: view.weight_product_stack(H, G), is_active, timer)]
+        on_gradient_side = {s: (lambda s=s: is_active() and view.side(s) != "token") for s in (X, H)}
+        return [FusedGradProjector(e.w1, lambda G: view.weight_product_stack(X, G), on_gradient_side[X], timer),
+                FusedGradProjector(e.w3, lambda G: view.weight_product_stack(X, G), on_gradient_side[X], timer),
+                FusedGradProjector(e.w2, lambda G: view.weight_product_stack(H, G), on_gradient_side[H], timer),
+                FusedTokenSide(e, {X: {"w1": e.w1, "w3": e.w3}, H: {"w2": e.w2}},
+                               {X: 2 * self.ff, H: self.streams[X].d_in}, _received_rows, view, is_active, timer)]
 
     def attach_recorder(self, context: RecordContext) -> list:
         return [_AutoEPRecorder(self, context)]
+
+
+def _received_rows(x, num_tokens_per_expert, *args, **kwargs) -> int:
+    return int(num_tokens_per_expert.sum())  # every local expert's rows, alignment rows included: both sides pay them
 
 
 def _shape(param: torch.Tensor) -> torch.Size:

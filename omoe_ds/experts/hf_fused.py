@@ -84,7 +84,10 @@ class HFFusedExpertsLayer(ExpertLayer):
                                    lambda: is_active() and view.side(X) != "token", timer),
                 FusedGradProjector(self.module.down_proj, lambda G: view.weight_product_stack(H, G),
                                    lambda: is_active() and view.side(H) != "token", timer),
-                FusedTokenSide(self.module, view, is_active, timer)]
+                FusedTokenSide(self.module, {X: {"gate_up_proj": self.module.gate_up_proj},
+                                             H: {"down_proj": self.module.down_proj}},
+                               {X: 2 * self.ff, H: self.module.down_proj.shape[1]}, _routed_pairs, view, is_active,
+                               timer)]
 
     def attach_recorder(self, context: RecordContext) -> list:
         return [_FusedRecorder(self, context)]
@@ -181,6 +184,10 @@ class _DownProjWatch(TorchFunctionMode):
                 expert = (weight.data_ptr() - self.start) // self.expert_bytes
                 self.recorder.record_eager_expert(int(expert), args[0].detach())
         return func(*args, **kwargs)
+
+
+def _routed_pairs(hidden_states, top_k_index, *args, **kwargs) -> int:
+    return top_k_index.numel()  # (token, route) pairs: every expert is local
 
 
 def _unrecordable(name: str, impl: str) -> str:
