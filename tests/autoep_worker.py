@@ -4,13 +4,14 @@
 
 Cases: tiny random Mixtral (for-loop experts) and Qwen3-MoE (torch._grouped_mm experts), AutoEP at
 EP = world size, ZeRO-2 and ZeRO-3, the config AdamW (torch_adam), s = 3, 12 steps (O steps 3, 6, 9),
-the same padded global batches as tests/layouts_worker.py. Per case (files <kind>.<case>.rank<r>):
+the same padded global batches as tests/layouts_worker.py; Mixtral and Qwen3-MoE project on the gradient side,
+and again on the token side at ZeRO-3 (cases *_z3_token). Per case (files <kind>.<case>.rank<r>):
 - run: final expert weights by global id, dense weights and projectors (ZeRO-3 gathered);
 - report: the window after step 2 against a recomputation from the router's routes and the weights
   of each step (summed over the world), its token counts against the real tokens of the batches, the
   O-step gradient of w1/w3/w2 at step 3 against G̃·P̄ (all-gathered projectors), the dense weights and
   their optimizer state before and after that O step, the step wall time, and (ZeRO-3) a checkpoint
-  after step 8 resumed by a fresh engine to step 12, bit for bit.
+  after step 8 resumed by a fresh engine to step 12, bit for bit; side_report() after the last O step.
 """
 import argparse
 import json
@@ -42,20 +43,31 @@ SAVE_AT = 8           # after step 7, an R step of an open window
 # 12 steps) moves a near-zero-gradient weight by 1.6e-5 at eps 1e-8. At 1e-4 that factor is 100.
 EPS = 1e-4
 FAMILIES = {"mixtral": False, "qwen3_moe": True, "deepseek_v3": True}  # use_grouped_mm: both of AutoEP's CPU expert paths
-CASES = [f"{family}_z{stage}" for family in FAMILIES for stage in (2, 3)]
+# omoe.projection_side: each expert path forced to the gradient side here and to the token side in its "_token"
+# case (ZeRO-3, the same batches), so the two runs compare; DeepSeek-V3 lets the cost model choose per stream.
+SIDES = {"mixtral": "gradient", "qwen3_moe": "gradient", "deepseek_v3": "auto"}
+TOKEN_CASES = ["mixtral_z3_token", "qwen3_moe_z3_token"]
+CASES = [f"{family}_z{stage}" for family in FAMILIES for stage in (2, 3)] + TOKEN_CASES
+
+
+def parse(case: str) -> tuple:
+    """(family, ZeRO stage, projection side) of a case name."""
+    family, rest = case.rsplit("_z", 1)
+    stage, _, side = rest.partition("_")
+    return family, int(stage), side or SIDES[family]
 
 
 def build(case: str):
-    family, stage = case.rsplit("_z", 1)
+    family, stage, side = parse(case)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[family]())
     world = dist.get_world_size()
     config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8 // world, "gradient_accumulation_steps": 1,
-              "steps_per_print": 10 ** 9, "zero_optimization": {"stage": int(stage)},
+              "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "eps": EPS, "torch_adam": True, "weight_decay": 0.0}},
               "expert_parallel": {"enabled": True, "autoep_size": world, "preset_model": family,
                                   "use_grouped_mm": FAMILIES[family]},
-              "omoe": {"skip_step": SKIP, "alpha0": 0.1}}
+              "omoe": {"skip_step": SKIP, "alpha0": 0.1, "projection_side": side}}
     engine, *_ = omoe_ds.initialize(model=model, config=config)
     return engine
 
@@ -238,16 +250,16 @@ def run_case(case: str, out: str) -> None:
     batches = list(global_batches("mixtral"))[:STEPS]
     engine = build(case)
     checks = {"reference": WindowReference(engine)}
-    zero3 = case.endswith("_z3")
+    resumes = case.endswith("_z3")  # the token-side cases skip the resume: it does not depend on the side
     save_dir = os.path.join(out, f"ckpt_{case}")
-    seconds = train(engine, batches, 0, STEPS, checks=checks, save_dir=save_dir if zero3 else None)
+    seconds = train(engine, batches, 0, STEPS, checks=checks, save_dir=save_dir if resumes else None)
     final = state(engine)
     torch.save(final, os.path.join(out, f"run.{case}.rank{rank}.pt"))
     report = {"layouts": sorted({layer.layout for layer in engine.omoe.layers}),
               "ep_sizes": [layer.ep_size for layer in engine.omoe.layers],
               "zero3_optimizer": is_zero3(engine.optimizer), "o_steps_done": final["o_steps_done"],
-              "step_seconds": sorted(seconds)[len(seconds) // 2], **checks}
-    if zero3:
+              "step_seconds": sorted(seconds)[len(seconds) // 2], "sides": engine.omoe.side_report(), **checks}
+    if resumes:
         resumed = build(case)
         omoe_ds.load_checkpoint(resumed, save_dir, tag="mid")
         train(resumed, batches, SAVE_AT, STEPS)

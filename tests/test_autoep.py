@@ -1,5 +1,6 @@
-"""OMoE through DeepSpeed AutoEP (tiny random Mixtral, Qwen3-MoE and DeepSeek-V3, w1/w3/w2 experts) at ZeRO-2 and ZeRO-3:
-one 2-rank (EP = 2) and one 1-rank (EP = 1) launch of tests/autoep_worker.py, and the refusals, in-process."""
+"""OMoE through DeepSpeed AutoEP (tiny random Mixtral, Qwen3-MoE and DeepSeek-V3, w1/w3/w2 experts) at ZeRO-2 and ZeRO-3,
+projecting on each side: one 2-rank (EP = 2) and one 1-rank (EP = 1) launch of tests/autoep_worker.py, and, in-process,
+the refusals and the side report."""
 import os
 import sys
 
@@ -12,7 +13,7 @@ from omoe_ds.core.environment import free_local_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from autoep_worker import CASES, FAMILIES, STEPS  # noqa: E402
+from autoep_worker import CASES, FAMILIES, STEPS, TOKEN_CASES, parse  # noqa: E402
 from layouts_worker import HF_CONFIGS  # noqa: E402
 from test_layouts import merged, reports  # noqa: E402  (the run files have the same layout)
 import launching  # noqa: E402
@@ -73,13 +74,33 @@ def test_zero3_equals_zero2(runs, family, world):
     assert_equal_runs(merged(runs[world], f"{family}_z2"), merged(runs[world], f"{family}_z3"))
 
 
+@pytest.mark.parametrize("case", TOKEN_CASES)
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.distributed
+def test_token_side_run_equals_gradient_side_run(runs, case, world):
+    assert_equal_runs(merged(runs[world], case), merged(runs[world], case.replace("_token", "")))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.distributed
+def test_each_stream_projects_on_the_configured_side(runs, case):
+    """Forced sides hold for every (layer, stream); "auto" takes the cheaper one by the reported costs."""
+    side = parse(case)[2]
+    for world in (1, 2):
+        for report in reports(runs[world], case):
+            assert len(report["sides"]) == 4 and {r["stream"] for r in report["sides"]} == {"x", "h"}
+            for r in report["sides"]:
+                cheaper = "token" if r["cost_token"] < r["cost_gradient"] else "gradient"
+                assert r["mode"] == side and r["side"] == (cheaper if side == "auto" else side), r
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.distributed
 def test_layers_found_after_the_replacement_and_o_steps_taken(runs, case):
     for world in (1, 2):
         for report in reports(runs[world], case):
             assert report["layouts"] == ["autoep-swiglu"] and report["ep_sizes"] == [world, world]
-            assert report["zero3_optimizer"] == case.endswith("_z3")
+            assert report["zero3_optimizer"] == (parse(case)[1] == 3)
             assert report["o_steps_done"] == 3  # steps 3, 6, 9
 
 
@@ -219,12 +240,33 @@ def test_zeroing_padding_while_recording_keeps_real_token_logits_bit_exact(singl
     assert not torch.equal(recording[~real], plain[~real])
 
 
-def test_token_side_projection_is_refused_for_autoep_layers(single_process_group, monkeypatch):
+@pytest.mark.parametrize("side", ["token", "gradient", "auto"])
+def test_side_report_covers_autoep_streams(single_process_group, monkeypatch, side):
+    """Every AutoEP (layer, stream) reports the side of the last O step with both sides' costs: T·c + T·D·n against
+    E_local·D·c + T·D·n, T = the aligned rows the layer's experts received (alignment rows included)."""
     monkeypatch.setenv("LOCAL_RANK", "0")
     ds = config(stage=2)
-    ds["omoe"] = {"projection_side": "token"}
-    with pytest.raises(OMoEConfigError, match=r"projection_side=\"token\": AutoEP layers project on the gradient side"):
-        omoe_ds.initialize(model=tiny(), config=ds)
+    ds["omoe"] = {"skip_step": 2, "projection_side": side}
+    engine, *_ = omoe_ds.initialize(model=tiny(), config=ds)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # steps 0, 1: R, step 2: O
+        ids = torch.randint(3, 48, (4, 12), generator=g)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    report = engine.omoe.side_report()
+    assert [(r["layer"], r["stream"]) for r in report] == [(0, "x"), (0, "h"), (1, "x"), (1, "h")]
+    for r in report:
+        d, ff, E_local = 16, 24, 4  # tiny Mixtral at EP = 1
+        D, n = (2 * ff, d) if r["stream"] == "x" else (d, ff)
+        T = r["token_rows"]
+        assert 4 * 12 * 2 <= T <= 4 * 12 * 2 + E_local * 7 and T % 8 == 0  # 48 tokens · top-2, each expert's rows
+        # aligned to 8
+        row_cost = (r["cost_gradient"] - T * D * n) // (E_local * D)  # one row times P̄
+        assert r["out_features"] == D and r["cost_token"] == T * row_cost + T * D * n
+        cheaper = "token" if r["cost_token"] < r["cost_gradient"] else "gradient"
+        assert r["side"] == (cheaper if side == "auto" else side)
+    if side == "auto":  # T ≤ 96 + 28 < E_local·D = 4 · 48 for x, T ≥ 96 > 4 · 16 for h
+        assert [r["side"] for r in report] == ["token", "gradient"] * 2
 
 
 def test_resharding_an_autoep_checkpoint_is_refused():
