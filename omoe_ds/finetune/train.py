@@ -25,6 +25,8 @@ import json
 import math
 import os
 import random
+import resource
+import statistics
 import sys
 import time
 
@@ -551,6 +553,7 @@ def main(argv=None):
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     eval_every = args.eval_every or steps_per_epoch
     losses, epoch, skip, seconds_before = [], 0, 0, 0.0
+    step_times, step_start = StepTimes(), None
     if args.resume:
         state = load_checkpoint(engine, checkpoint_dir(args))
         epoch, skip = state["data"]["epoch"], state["data"]["batches_done"]
@@ -568,14 +571,18 @@ def main(argv=None):
         for batch in itertools.islice(loader, skip, None):
             skip = 0
             batches_done += 1
+            if len(losses) % gas == 0:  # the first micro-batch of an optimizer step
+                step_start = time.perf_counter()
             fault_point("kill_in_step", engine.global_steps)
             out = engine(**batch)
             loss = out.loss + args.aux_loss_coef * moe_aux_loss(engine.module) if args.aux_loss_coef else out.loss
             engine.backward(loss)
             engine.step()
-            losses.append(loss.detach().item())
+            losses.append(loss.detach().item())  # waits for the step's work: the step timing needs no extra sync
             step = engine.global_steps
             if len(losses) % gas == 0:
+                # phase holds until the next forward: "O" for an O step (its projector update included)
+                step_times.add(engine.omoe.phase if engine.omoe is not None else "R", time.perf_counter() - step_start)
                 progress.update(1)
                 progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
                 if step % eval_every == 0 or step == steps_total:
@@ -625,11 +632,13 @@ def main(argv=None):
         adapter_results = adapter_outcome(engine, adapter, args, dev_sample, rank)
     if "test" in encoded:
         final["test"] = evaluate(engine, spec, raw, encoded, "test", args.eval_batch_size)
+    memory = memory_per_rank(engine)
     if rank == 0:
         results = {"task": spec.name, "primary_metric": spec.primary_metric, "model": args.model,
                    "optimizer": args.optimizer, "base_optimizer": base, "adapter": args.adapter, "seed": args.seed,
                    "steps": engine.global_steps, "world_size": world, "train_seconds": train_seconds,
                    "o_steps": engine.omoe.o_steps_done if engine.omoe is not None else 0,
+                   **step_times.summary(), **memory,
                    **final, "diversity": diversity, **adapter_results,
                    "config": {"args": {k: v for k, v in vars(args).items()}, "deepspeed": ds_config}}
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -637,6 +646,42 @@ def main(argv=None):
         summary = {s: final[s].get(spec.primary_metric) for s in final}
         print(f"[omoe_ds.train] {args.task} {args.optimizer}: {spec.primary_metric} {summary}, "
               f"{train_seconds:.0f}s -> {args.output_dir}/results.json")
+
+
+class StepTimes:
+    """Wall seconds of each optimizer step by kind (R or O), measured from the first micro-batch's forward to
+    the end of engine.step(); eval and checkpoint time fall outside. A resumed run times only its own steps."""
+
+    def __init__(self):
+        self.seconds = {"R": [], "O": []}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds[kind].append(seconds)
+
+    def summary(self) -> dict:
+        r, o = (statistics.median(self.seconds[k]) if self.seconds[k] else None for k in ("R", "O"))
+        return {"r_step_s": r, "o_step_s": o, "o_step_extra_s": o - r if r is not None and o is not None else None,
+                "timed_r_steps": len(self.seconds["R"]), "timed_o_steps": len(self.seconds["O"]),
+                "r_steps_total_s": sum(self.seconds["R"]), "o_steps_total_s": sum(self.seconds["O"])}
+
+
+def memory_per_rank(engine) -> dict:
+    """Peak RSS and projector bytes, each the max over ranks (every rank calls: it gathers). The RSS peak
+    covers the process's whole life (model load and evals included); projector bytes are those held at the end."""
+    from deepspeed.accelerator import get_accelerator
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    stores = engine.omoe.storage_report() if engine.omoe is not None else []
+    accelerator = get_accelerator()
+    device = accelerator.max_memory_allocated() if accelerator.device_name() != "cpu" else None
+    ranks = collectives.gather_objects({"rss": rss, "projector": sum(s["bytes"] for s in stores),
+                                        "projector_dense": sum(s["dense_bytes"] for s in stores), "device": device})
+    peak_device = [r["device"] for r in ranks if r["device"] is not None]
+    return {"peak_rss_bytes_per_rank": max(r["rss"] for r in ranks),
+            "peak_rss_bytes_by_rank": [r["rss"] for r in ranks],
+            "peak_device_bytes_per_rank": max(peak_device) if peak_device else None,
+            "projector_bytes_per_rank": max(r["projector"] for r in ranks),
+            "projector_dense_bytes_per_rank": max(r["projector_dense"] for r in ranks),
+            "projector_forms": sorted({s["form"] for s in stores})}
 
 
 def cli(argv=None):
