@@ -1,7 +1,9 @@
 """omoe_ds.train on decoders, 2 CPU ranks: the real SmolLM2-135M upcycled to Mixtral in two layers and sharded
-by DeepSpeed AutoEP (EP = 2) under ZeRO-3 with O steps, for classification and for causal LM on instructions;
-with an omoe-lora adapter on the dense decoder; and, on a tiny llama, a killed run resumed bit-exact under
-ZeRO-3 and a ZeRO-2 AutoEP checkpoint exported as a plain Mixtral."""
+by DeepSpeed AutoEP (EP = 2) under ZeRO-3 with O steps, for classification (its ZeRO-3 checkpoint exported as
+Qwen2-MoE) and for causal LM on instructions; with an omoe-lora adapter on the dense decoder; and, on a tiny llama,
+a killed run resumed bit-exact under ZeRO-3 (exported as Mixtral) and a ZeRO-2 checkpoint of a model upcycled in
+one layer of two exported as Qwen2-MoE. Each export, loaded by transformers alone, predicts the dev split as the
+trained engine did."""
 import csv
 import json
 import os
@@ -43,6 +45,28 @@ def run_job(data, tmp_path, name, config_name, *flags, task_flags=None, env=None
     return out, json.load(open(out / "results.json"))
 
 
+def export_predicts_as_the_job(out, results, data, tmp_path, architecture):
+    """python -m omoe_ds.export of the job's last checkpoint; the export, loaded by from_pretrained alone, is
+    `architecture` and scores the job's dev accuracy."""
+    import transformers
+    exported = tmp_path / f"{out.name}_export"
+    export = launching.run([sys.executable, "-m", "omoe_ds.export", "--ckpt", out / "checkpoints", "--out", exported],
+                           timeout=600, cwd=ROOT)
+    assert export.returncode == 0, export.stdout + export.stderr
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    assert type(model).__name__ == architecture
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    with open(os.path.join(data, "dev.csv")) as f:
+        rows = list(csv.DictReader(f))
+    batch = tokenizer([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH, padding="max_length",
+                      return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    names = model.config.id2label
+    assert float(np.mean([names[int(p)] == r["label"] for p, r in zip(predicted, rows)])) == results["dev"]["accuracy"]
+    return model
+
+
 @pytest.fixture(scope="module")
 def data(tiny_data):
     models.smollm2_135m_path()  # dequantised here, once, before two ranks would wait on its lock
@@ -51,7 +75,8 @@ def data(tiny_data):
 
 def test_upcycled_smollm2_trains_through_autoep_at_zero3_with_o_steps(data, tmp_path):
     out, results = run_job(data, tmp_path, "autoep_z3", "finetune_autoep_zero3.json", "--experts", "4", "--ep-size", "2",
-                           "--expert-parallel", "autoep", "--moe-layers", "0,1", "--max-steps", "4")
+                           "--expert-parallel", "autoep", "--moe-layers", "0,1", "--max-steps", "4", "--save-every", "4",
+                           "--keep-checkpoints", "1")
     assert results["steps"] == 4 and results["o_steps"] == 1  # skip_step 3: step 3 is the O step
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert all(np.isfinite(r["train_loss"]) for r in records)
@@ -65,6 +90,9 @@ def test_upcycled_smollm2_trains_through_autoep_at_zero3_with_o_steps(data, tmp_
                                 return_tensors="pt")["attention_mask"].sum())
     assert [sum(layer["tokens"]) for layer in results["diversity"]["dev_expert_load"]] == [real_tokens] * 2
     assert results["config"]["deepspeed"]["expert_parallel"]["autoep_size"] == 2
+    # The ZeRO-3 checkpoint, 28 of 30 layers dense, exports as Qwen2-MoE (Mixtral has no dense layers)
+    model = export_predicts_as_the_job(out, results, data, tmp_path, "Qwen2MoeForSequenceClassification")
+    assert model.config.mlp_only_layers == list(range(2, 30))
 
 
 def test_omoe_lora_on_smollm2_at_zero3(data, tmp_path):
@@ -129,46 +157,29 @@ def test_killed_decoder_job_resumes_bit_exact_under_autoep_zero3(data, tiny_llam
     assert results["o_steps"] == 2
     assert differences(final_state(cut, step=8), final_state(whole, step=8)) == []
     assert results["dev"] == json.load(open(whole / "results.json"))["dev"]
+    # upcycled in every layer: the ZeRO-3 checkpoint exports as a plain Mixtral
+    export_predicts_as_the_job(whole, json.load(open(whole / "results.json")), data, tmp_path,
+                               "MixtralForSequenceClassification")
 
 
-def test_autoep_zero2_checkpoint_exports_as_mixtral_with_the_jobs_predictions(data, tiny_llama_dir, tmp_path):
-    """AutoEP keeps w1/w3/w2 per expert in DeepSpeed's expert files; the export puts them back into Mixtral's
-    fused gate_up_proj / down_proj, and the exported model, loaded by transformers alone, predicts the dev
-    split as the trained engine did."""
-    import shutil
-    import transformers
-    from omoe_ds.checkpoint.layout import HF_DIR, latest_complete_tag
+def test_autoep_zero2_checkpoint_upcycled_in_one_layer_exports_as_qwen2_moe_with_the_jobs_predictions(
+        data, tiny_llama_dir, tmp_path):
+    """AutoEP keeps w1/w3/w2 per expert in DeepSpeed's expert files under ZeRO-2; the export puts them back into fused
+    gate_up_proj / down_proj, and the model upcycled in layer 1 only becomes a Qwen2-MoE with layer 0 dense."""
     zero2 = json.load(open(os.path.join(ROOT, "ds_configs", "finetune_autoep_zero3.json")))
     zero2["zero_optimization"] = {"stage": 2}
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "autoep_zero2.json").write_text(json.dumps(zero2))
     out, results = run_job(data, tmp_path, "z2", str(tmp_path / "ds_configs" / "autoep_zero2.json"),
-                           "--model", tiny_llama_dir, *RESUME_STEPS[:6], "--max-steps", "4", "--save-every", "4")
-    export = launching.run([sys.executable, "-m", "omoe_ds.export", "--ckpt", out / "checkpoints",
-                            "--out", tmp_path / "exported"], timeout=300, cwd=ROOT)
-    assert export.returncode == 0, export.stdout + export.stderr
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").eval()
-    assert type(model).__name__ == "MixtralForSequenceClassification"
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
-    with open(os.path.join(data, "dev.csv")) as f:
-        rows = list(csv.DictReader(f))
-    batch = tokenizer([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH, padding="max_length",
-                      return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**batch).logits.argmax(-1)
-    names = model.config.id2label
-    accuracy = float(np.mean([names[int(p)] == r["label"] for p, r in zip(predicted, rows)]))
-    assert accuracy == results["dev"]["accuracy"]
-    # a model upcycled in some layers only has no Mixtral form: refused, naming the layers
-    partial = tmp_path / "partial_config"
-    shutil.copytree(out / "checkpoints" / latest_complete_tag(str(out / "checkpoints")) / HF_DIR, partial)
-    config = json.load(open(partial / "config.json"))
-    config["omoe_upcycle"]["layers"] = [0]
-    (partial / "config.json").write_text(json.dumps(config))
-    refused = launching.run([sys.executable, "-m", "omoe_ds.export", "--ckpt", out / "checkpoints", "--config", partial,
-                             "--out", tmp_path / "x"], timeout=300, cwd=ROOT)
-    assert refused.returncode != 0 and "only decoder layers [0] were upcycled" in refused.stderr
-    assert not (tmp_path / "x").exists()
+                           "--model", tiny_llama_dir, *RESUME_STEPS[:6], "--moe-layers", "1", "--max-steps", "4",
+                           "--save-every", "4")
+    model = export_predicts_as_the_job(out, results, data, tmp_path, "Qwen2MoeForSequenceClassification")
+    assert model.config.mlp_only_layers == [0] and model.config.omoe_export["trained_architecture"] == \
+        "MixtralForSequenceClassification"
+    # --model <export> trains further as the MoE checkpoint it is (AutoEP's qwen3_moe preset covers Qwen2-MoE)
+    _, again = run_job(data, tmp_path, "again", "finetune_autoep_zero3.json", "--model", tmp_path / "z2_export",
+                       *RESUME_STEPS[2:6], "--max-steps", "4")
+    assert again["steps"] == 4 and again["o_steps"] == 1 and len(again["diversity"]["layers"]) == 1
 
 
 def test_moe_checkpoint_trains_as_it_is_through_autoep(data, tmp_path):
