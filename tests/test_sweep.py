@@ -151,6 +151,10 @@ def test_sweep_runs_cells_and_records_them(finished_sweep):
     omoe = json.loads((results / "cells" / GOOD_CELLS[0] / "results.json").read_text())
     assert omoe["optimizer"] == "omoe" and omoe["config"]["deepspeed"]["omoe"]["skip_step"] == 2
     assert omoe["o_steps"] == 1  # steps 0..3: step 2 is the O step
+    assert (omoe["timed_r_steps"], omoe["timed_o_steps"]) == (3, 1) and omoe["projector_bytes_per_rank"] > 0
+    plain = json.loads((results / "cells" / GOOD_CELLS[1] / "results.json").read_text())
+    assert (plain["timed_r_steps"], plain["timed_o_steps"], plain["o_step_s"]) == (4, 0, None)
+    assert plain["projector_bytes_per_rank"] == 0 and plain["peak_rss_bytes_per_rank"] > 0
     assert [e["status"] for e in events(results)][1:] == ["finished", "finished"]
 
 
@@ -222,7 +226,8 @@ def test_report_on_a_real_sweep(finished_sweep, tmp_path):
     assert sorted(os.path.basename(p) for p in out["plots"]) == ["optimizers.png", "per_layer_diversity.png"]
     assert_valid_png(tmp_path / "per_layer_diversity.png", (450, 300))
     # one s and one M: Fig. 4 and Fig. 5 have no data, and say so
-    assert [line.split(" (")[0] for line in out["skipped"]] == ["skipped skip_step.png", "skipped experts_gain.png"]
+    assert [line.split(" (")[0] for line in out["skipped"]] == ["skipped skip_step.png", "skipped experts_gain.png",
+                                                                 "skipped experts_scaling.png"]
     assert all(any(skip in line for line in lines) for skip in out["skipped"])
     assert not (tmp_path / "skip_step.png").exists()
     assert out["failed"] == [e["cell"] for e in events(results) if e["status"] == "failed"]
@@ -235,10 +240,16 @@ def synthetic_results(optimizer, base, experts, skip, seed, score, variance):
                "output_variance": 1e-5} for l in range(3)]
     per_layer = [{"w1": d["w1"]["param_variance"], "w2": d["w2"]["param_variance"],
                   "mean": (d["w1"]["param_variance"] + d["w2"]["param_variance"]) / 2} for d in layers]
-    steps = 100
+    steps, omoe = 100, optimizer == "omoe"
+    r_step = 0.1 + 0.01 * experts  # step time and memory grow with M; an O step costs 1.5 R steps
     return {"task": "trec", "primary_metric": "accuracy", "model": "minilm-l6", "optimizer": optimizer,
             "base_optimizer": base, "seed": seed, "steps": steps, "world_size": 2, "train_seconds": 200.0,
-            "o_steps": steps // skip if optimizer == "omoe" else 0, "dev": {"accuracy": score + 0.02},
+            "o_steps": steps // skip if omoe else 0, "dev": {"accuracy": score + 0.02},
+            "r_step_s": r_step, "o_step_s": 1.5 * r_step if omoe else None,
+            "o_step_extra_s": 0.5 * r_step if omoe else None,
+            "peak_rss_bytes_per_rank": (500 + 10 * experts + seed) * 2 ** 20,
+            "projector_bytes_per_rank": experts * 2 ** 19 if omoe else 0,
+            "projector_dense_bytes_per_rank": experts * 2 ** 21 if omoe else 0,
             "test": {"accuracy": score},
             "diversity": {"expert_param_variance": per_layer, "layers": layers, "overall": {}},
             "mean_expert_param_variance": sum(d["mean"] for d in per_layer) / 3,
@@ -274,7 +285,7 @@ def test_report_writes_table_and_every_plot(tmp_path):
     assert report.main([str(results)]) == 0
     out = results / "report"
     md = (out / "report.md").read_text()
-    for png, size in (("skip_step.png", (900, 360)), ("experts_gain.png", (900, 360)),
+    for png, size in (("skip_step.png", (900, 360)), ("experts_gain.png", (900, 360)), ("experts_scaling.png", (900, 640)),
                       ("optimizers.png", (680, 380)), ("per_layer_diversity.png", (900, 600))):
         assert_valid_png(out / png, size)
         assert f"]({png})" in md
@@ -283,6 +294,27 @@ def test_report_writes_table_and_every_plot(tmp_path):
     assert "| adamw | 4 | 2 | – | – | – | 1,2 | 82.60 ± 0.28 | 80.60 ± 0.28 |" in md
     assert "| 8 | 2 | 80.60 ± 0.28 | 83.10 ± 0.28 | 2.50 ± 0.00 |" in md  # Fig. 5 row: gain 0.01·8/4 + 0.005
     assert "`sgd_M4_ep2_seed1`: exit code 1" in md and "Plots skipped" not in md
+    # expert-count scaling, M=8: R step 0.18 s, O step 0.27 s (+0.09, ×1.5); RSS 580 + seed MiB; projectors 4 / 16 MiB
+    assert "| 8 | 2 | adamw | 82.60 ± 0.28 | 80.60 ± 0.28 | 5.000e-07 ± 0.0e+00 | 0.180 ± 0.000 | – | – | – | " \
+           "582 ± 1 | 0 | – |" in md
+    assert "| 8 | 2 | OMoE/adamw | 85.10 ± 0.28 | 83.10 ± 0.28 | 5.500e-07 ± 0.0e+00 | 0.180 ± 0.000 | 0.270 ± 0.000 | " \
+           "0.090 ± 0.000 | 1.50 ± 0.00 | 582 ± 1 | 4.0 ± 0.0 | 16.0 ± 0.0 |" in md
+
+
+def test_expert_scaling_plot_is_skipped_for_results_without_step_timing(tmp_path):
+    """Results written before the job recorded step timing and memory: Fig. 5 is drawn, the scaling plot is not."""
+    results = tmp_path / "results"
+    write_synthetic_sweep(results)
+    for path in (results / "cells").glob("*/results.json"):
+        r = json.loads(path.read_text())
+        r.pop("r_step_s")
+        path.write_text(json.dumps(r))
+    lines = []
+    out = report.write_report(str(results), str(tmp_path / "report"), dpi=50, echo=lines.append)
+    assert "experts_gain.png" in [os.path.basename(p) for p in out["plots"]]
+    assert [line.split(" (")[0] for line in out["skipped"]] == ["skipped experts_scaling.png"]
+    assert "r_step_s" in out["skipped"][0] and any(out["skipped"][0] in line for line in lines)
+    assert not (tmp_path / "report" / "experts_scaling.png").exists()
 
 
 def test_report_refuses_a_directory_without_cells(tmp_path):

@@ -8,6 +8,8 @@ metric on dev and test, the mean expert parameter variance, O steps and training
 each plot and the failed cells; and PNGs (matplotlib, Agg):
   skip_step.png            score and expert parameter variance vs skip step s, OMoE vs its baseline (paper Fig. 4)
   experts_gain.png         score of OMoE and the baseline, and OMoE's gain, vs experts per layer M (paper Fig. 5)
+  experts_scaling.png      vs M, OMoE and the baseline: dev/test score, expert parameter variance, median R- and
+                           O-step seconds (O/R ratio), peak RSS and projector bytes per rank (max over ranks)
   optimizers.png           each base optimizer with and without OMoE, grouped bars (paper Table VIII)
   per_layer_diversity.png  per layer, parameter variance across experts and % of positions where two experts
                            differ by > 1e-3, for W1 and W2, OMoE vs baseline (paper Fig. 3 / Tables I-II)
@@ -230,6 +232,19 @@ def _context(groups: List[Group]) -> str:
         + (f" · lr {a['lr']:g}" if "lr" in a else "")
 
 
+def _log_x(ax, xs, base=10):
+    """A log x axis ticked at the grid's values only (s and M are sparse grids)."""
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_skip_step(groups: List[Group], metric: str, split: str, path: str) -> Optional[str]:
     slices = defaultdict(list)
     for g in groups:
@@ -256,15 +271,11 @@ def plot_skip_step(groups: List[Group], metric: str, split: str, path: str) -> O
            ylabel="variance across experts\n(mean over parameter positions)", title="Expert parameter variance vs skip step")
     a2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for ax in (a1, a2):
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.minorticks_off()
+        _log_x(ax, xs)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"OMoE skip step s, M={sel[0].config['experts']} experts ({_context(sel)})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     rows = [[f"OMoE/{g.config['base_optimizer']}", str(g.config["skip_step"]), fmt(g.score(), scale, n=len(g.runs)),
              fmt(g.variance(), sci=True, n=len(g.runs)), fmt(g.field("o_steps"), digits=0)] for g in sel]
     if base is not None:
@@ -283,18 +294,26 @@ def _gain(omoe: Group, base: Group) -> Tuple[float, float]:
     return ma - mb, math.hypot(sa, sb)
 
 
-def plot_experts(groups: List[Group], metric: str, split: str, path: str) -> Optional[str]:
+def experts_slice(groups: List[Group], needs=lambda g: True) -> Optional[List[Tuple[Group, Group]]]:
+    """(OMoE, baseline) pairs at >= 2 expert counts with one base optimizer, s, α0, λ and train flags, sorted
+    by M; only pairs whose groups all pass `needs`."""
     slices = defaultdict(list)
     for g in groups:
         base = baseline_of(groups, g) if g.is_omoe else None
-        if base is not None:
+        if base is not None and needs(g) and needs(base):
             c = g.config
             slices[(c["base_optimizer"], c["skip_step"], c["alpha0"], c["lam"], c["tag"])].append((g, base))
     slices = {k: v for k, v in slices.items() if len({g.config["experts"] for g, _ in v}) >= 2}
     if not slices:
         return None
     _, sel = _prefer([({"base_optimizer": k[0], "skip_step": k[1]}, v) for k, v in slices.items()], len)
-    sel = sorted(sel, key=lambda gb: gb[0].config["experts"])
+    return sorted(sel, key=lambda gb: gb[0].config["experts"])
+
+
+def plot_experts(groups: List[Group], metric: str, split: str, path: str) -> Optional[str]:
+    sel = experts_slice(groups)
+    if sel is None:
+        return None
     scale, unit = metric_scale(metric)
     xs = [g.config["experts"] for g, _ in sel]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -309,9 +328,7 @@ def plot_experts(groups: List[Group], metric: str, split: str, path: str) -> Opt
     a2.margins(y=0.15)
     a2.axhline(0, color="black", linewidth=0.8)
     a1.set(xlabel="experts per MoE layer M", ylabel=f"{split} {metric}{unit}", title=f"{split.capitalize()} {metric} vs M")
-    a1.set_xscale("log", base=2)
-    a1.set_xticks(xs, [str(x) for x in xs])
-    a1.minorticks_off()
+    _log_x(a1, xs, base=2)
     a2.set(xlabel="experts per MoE layer M",
            ylabel=f"OMoE − baseline, {split} {metric}" + (" (points)" if scale == 100 else ""),
            title="OMoE gain vs number of experts")
@@ -319,9 +336,7 @@ def plot_experts(groups: List[Group], metric: str, split: str, path: str) -> Opt
         ax.grid(alpha=0.3)
     a1.legend(fontsize=8)
     fig.suptitle(f"Number of experts, s={sel[0][0].config['skip_step']} ({_context([g for g, _ in sel])})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     rows = [[str(g.config["experts"]), str(g.config["ep_size"]), fmt(b.score(), scale, n=len(b.runs)),
              fmt(g.score(), scale, n=len(g.runs)), fmt(gain, scale, n=min(len(g.runs), len(b.runs))),
              fmt(b.variance(), sci=True, n=len(b.runs)), fmt(g.variance(), sci=True, n=len(g.runs)),
@@ -329,6 +344,84 @@ def plot_experts(groups: List[Group], metric: str, split: str, path: str) -> Opt
     return markdown_table(["M", "EP", f"{sel[0][1].label} {split} {metric}{unit}",
                            f"{sel[0][0].label} {split} {metric}{unit}", "OMoE gain" + (" (points)" if scale == 100 else ""),
                            f"{sel[0][1].label} param var", f"{sel[0][0].label} param var", "O steps"], rows)
+
+
+COST_FIELDS = ("r_step_s", "peak_rss_bytes_per_rank", "projector_bytes_per_rank")  # results.json's timing and memory
+MIB = 2 ** 20
+
+
+def _has_costs(g: Group) -> bool:
+    return all(r["results"].get(k) is not None for r in g.runs for k in COST_FIELDS) and \
+        (not g.is_omoe or all(r["results"].get("o_step_s") is not None for r in g.runs))
+
+
+def _o_step_ratio(g: Group) -> Tuple[float, float]:
+    return mean_std([r["results"]["o_step_s"] / r["results"]["r_step_s"] for r in g.runs])
+
+
+def plot_experts_scaling(groups: List[Group], metric: str, split: str, path: str) -> Optional[str]:
+    """What M costs and buys: dev/test score, expert parameter variance, R/O step seconds and memory per rank vs M,
+    OMoE vs its baseline, one panel each."""
+    sel = experts_slice(groups, _has_costs)
+    if sel is None:
+        return None
+    scale, unit = metric_scale(metric)
+    xs = [g.config["experts"] for g, _ in sel]
+    omoe, base = [g for g, _ in sel], [b for _, b in sel]
+    scaled = lambda groups, which: [(m * scale, s * scale) for m, s in (g.score(which) for g in groups)]  # noqa: E731
+    field = lambda groups, key, unit=1.0: [(m / unit, s / unit) for m, s in (g.field(key) for g in groups)]  # noqa: E731
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    (a1, a2), (a3, a4) = axes
+    for which, marker, style in (("test", "o", "-"), ("dev", "^", ":")):
+        if all(which in r["results"] for g in omoe + base for r in g.runs):
+            _errorbar(a1, xs, scaled(omoe, which), OMOE_COLOR, f"{omoe[0].label} {which}", marker, linestyle=style)
+            _errorbar(a1, xs, scaled(base, which), BASE_COLOR, f"{base[0].label} {which}", marker, linestyle=style)
+    a1.set(ylabel=f"{metric}{unit}", title=f"Dev and test {metric} vs M")
+    _errorbar(a2, xs, [g.variance() for g in omoe], OMOE_COLOR, omoe[0].label)
+    _errorbar(a2, xs, [g.variance() for g in base], BASE_COLOR, base[0].label, marker="s")
+    a2.set(ylabel="variance across experts\n(mean over parameter positions)", title="Expert parameter variance vs M")
+    a2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    _errorbar(a3, xs, field(omoe, "o_step_s"), OMOE_COLOR, f"{omoe[0].label} O step")
+    _errorbar(a3, xs, field(omoe, "r_step_s"), OMOE_COLOR, f"{omoe[0].label} R step", marker="^", linestyle=":")
+    _errorbar(a3, xs, field(base, "r_step_s"), BASE_COLOR, f"{base[0].label} step", marker="s")
+    for x, g in zip(xs, omoe):
+        a3.annotate(f"×{_o_step_ratio(g)[0]:.2f}", (x, g.field("o_step_s")[0]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7, color=OMOE_COLOR)
+    a3.set(ylabel="seconds per optimizer step (median)", title="Step time vs M (×: O step / R step)")
+    a3.set_ylim(bottom=0)
+    a3.margins(y=0.15)
+    _errorbar(a4, xs, field(omoe, "peak_rss_bytes_per_rank", MIB), OMOE_COLOR, f"{omoe[0].label} peak RSS")
+    _errorbar(a4, xs, field(base, "peak_rss_bytes_per_rank", MIB), BASE_COLOR, f"{base[0].label} peak RSS", marker="s")
+    _errorbar(a4, xs, field(omoe, "projector_bytes_per_rank", MIB), OMOE_COLOR, f"{omoe[0].label} projectors held",
+              marker="D", linestyle="--")
+    if all(r["results"].get("projector_dense_bytes_per_rank") for g in omoe for r in g.runs):
+        _errorbar(a4, xs, field(omoe, "projector_dense_bytes_per_rank", MIB), "gray", "projectors if dense",
+                  marker="x", linestyle=":")
+    a4.set(ylabel="MiB per rank (max over ranks)", title="Memory per rank vs M")
+    a4.set_yscale("log")
+    for ax in (a1, a2, a3, a4):
+        _log_x(ax, xs, base=2)
+        ax.set_xlabel("experts per MoE layer M")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Expert count scaling, s={omoe[0].config['skip_step']} ({_context(omoe + base)})", fontsize=9)
+    _save(fig, path)
+    rows = []
+    for g, b in sel:
+        for group in (b, g):
+            n, omoe_row = len(group.runs), group.is_omoe
+            rows.append([str(g.config["experts"]), str(g.config["ep_size"]), group.label,
+                         fmt(group.score("dev"), scale, n=n), fmt(group.score("test"), scale, n=n),
+                         fmt(group.variance(), sci=True, n=n), fmt(group.field("r_step_s"), digits=3, n=n),
+                         fmt(group.field("o_step_s"), digits=3, n=n) if omoe_row else "–",
+                         fmt(group.field("o_step_extra_s"), digits=3, n=n) if omoe_row else "–",
+                         fmt(_o_step_ratio(group), n=n) if omoe_row else "–",
+                         fmt(group.field("peak_rss_bytes_per_rank"), 1 / MIB, digits=0, n=n),
+                         fmt(group.field("projector_bytes_per_rank"), 1 / MIB, digits=1, n=n) if omoe_row else "0",
+                         fmt(group.field("projector_dense_bytes_per_rank"), 1 / MIB, digits=1, n=n) if omoe_row else "–"])
+    return markdown_table(["M", "EP", "optimizer", f"dev {metric}{unit}", f"test {metric}{unit}",
+                           "mean expert param variance", "R step s", "O step s", "O step extra s", "O/R",
+                           "peak RSS MiB/rank", "projector MiB/rank", "projector MiB/rank if dense"], rows)
 
 
 def plot_optimizers(groups: List[Group], metric: str, split: str, path: str) -> Optional[str]:
@@ -364,9 +457,7 @@ def plot_optimizers(groups: List[Group], metric: str, split: str, path: str) -> 
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     rows = [[n, fmt(sel[n][1].score(), scale, n=len(sel[n][1].runs)), fmt(sel[n][0].score(), scale, n=len(sel[n][0].runs)),
              fmt(_gain(*sel[n]), scale, n=len(sel[n][0].runs))] for n in names]
     return markdown_table(["base optimizer", f"plain {split} {metric}{unit}", f"OMoE {split} {metric}{unit}",
@@ -412,9 +503,7 @@ def plot_per_layer(groups: List[Group], path: str) -> Optional[str]:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Expert diversity per layer, {g.label} (s={g.config['skip_step']}) vs {base.label}, "
                  f"M={g.config['experts']} ({_context([g, base])})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     rows.sort(key=lambda r: (r[2], r[1], int(r[0])))
     return markdown_table(["layer", "weight", "figure", base.label, g.label, "OMoE vs baseline"], rows)
 
@@ -424,6 +513,10 @@ PLOTS = (
      "needs OMoE cells at >= 2 skip steps with the same experts, base optimizer, α0 and λ"),
     ("experts_gain.png", "Number of experts (paper Fig. 5)", plot_experts,
      "needs OMoE and plain cells at >= 2 expert counts with the same base optimizer and s"),
+    ("experts_scaling.png", "Expert count scaling: score, variance, step time and memory per rank vs M",
+     plot_experts_scaling, "needs OMoE and plain cells at >= 2 expert counts with the same base optimizer and s, "
+     "whose results.json hold step timing and memory (r_step_s, o_step_s, peak_rss_bytes_per_rank, "
+     "projector_bytes_per_rank; written by omoe_ds.train since it records them)"),
     ("optimizers.png", "Base optimizers with and without OMoE (paper Table VIII)", plot_optimizers,
      "needs an OMoE cell and the plain cell of its base optimizer"),
     ("per_layer_diversity.png", "Per-layer expert diversity, OMoE vs baseline (paper Fig. 3 / Tables I-II)", plot_per_layer,
