@@ -51,6 +51,10 @@ def read_zero3(tag_dir: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, d
     first = read_torch_file(first_path, "DeepSpeed's ZeRO-3 model-states file of rank 0")
     if not isinstance(first, dict) or PARAM_SHAPES not in first:
         raise CheckpointError(f"{first_path} is not a ZeRO-3 model-states file: it holds no {PARAM_SHAPES}")
+    if first.get(FROZEN_PARAM_SHAPES):
+        raise CheckpointError(f"{first_path}: frozen parameters {sorted(first[FROZEN_PARAM_SHAPES])[:3]} are kept in "
+                              "per-rank fragments that export does not gather yet; export a model trained with every "
+                              "parameter trainable, or train with ZeRO 0-2")
     ranks = list(range(first.get("dp_world_size") or max(found["model"] + found["optim"]) + 1))
     for kind, have in found.items():  # one model-states and one optimizer-states file per data-parallel rank
         missing = [r for r in ranks if r not in have]
@@ -60,10 +64,6 @@ def read_zero3(tag_dir: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, d
                                   "(an interrupted save, or files removed), export another tag with --tag")
     model_states = {r: first if r == 0 else read_torch_file(os.path.join(tag_dir, zero3_file(r, "model")),
                                                             "a ZeRO-3 model-states file") for r in ranks}
-    if first.get(FROZEN_PARAM_SHAPES):
-        raise CheckpointError(f"{first_path}: frozen parameters {sorted(first[FROZEN_PARAM_SHAPES])[:3]} are kept in "
-                              "per-rank fragments that export does not gather yet; export a model trained with every "
-                              "parameter trainable, or train with ZeRO 0-2")
 
     pieces: Dict[Tuple[str, int], Dict[int, torch.Tensor]] = {}  # (name, EP rank or -1) -> {partition rank: piece}
     layouts: Dict[Tuple[str, int], Tuple[tuple, int, str]] = {}  # -> (shape, partition count, a file holding it)
