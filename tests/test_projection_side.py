@@ -61,6 +61,17 @@ def count_alignment_rows(layers) -> list:
     return seen
 
 
+def count_empty_slots(layers) -> list:
+    """[capacity slots DeepSpeed's native experts received without a token (zero rows)], summed over forwards."""
+    seen = [0]
+
+    def count(experts, args):
+        seen[0] += int((args[0] == 0).all(-1).sum())
+    for layer in layers:
+        layer.module.deepspeed_moe.experts.register_forward_pre_hook(count)
+    return seen
+
+
 def micro_batch_loss(model, case, seed):
     g = torch.Generator().manual_seed(seed)
     if case.startswith("native_"):
@@ -94,6 +105,7 @@ def test_token_side_equals_gradient_side(single_process_group, monkeypatch, case
         layer.attach_projection(views[L], lambda: active[0], [0.0])
     params = [p for layer in layers for p in layer.expert_parameters()]
     alignment_rows = count_alignment_rows(layers) if case in AUTOEP_CASES else None
+    empty_slots = count_empty_slots(layers) if case.startswith("native_") else None
 
     def o_step(which):
         """Σ over two micro-batches of the expert gradients (None: unprojected), P̄ built once for the step."""
@@ -119,7 +131,8 @@ def test_token_side_equals_gradient_side(single_process_group, monkeypatch, case
     # n ≤ 25, and the 2·M·t = 24 factor terms of P̄ when factored), in another order on each side: by Higham's γ_m
     # each is within (T + n + 2·M·t)·2⁻²⁴ ≈ 9e-6 of its terms' absolute sum; these inputs keep that sum within
     # a few times the largest entry (measured: ≤ 5.5e-7 of it, AutoEP included), so 2e-5 of the largest entry.
-    # AutoEP's alignment rows (zero rows up to multiples of 8) are exact zeros in X̃·P̄: they add no rounding.
+    # AutoEP's alignment rows (zero rows up to multiples of 8) are exact zeros in X̃·P̄: they add no rounding;
+    # native empty capacity slots enter the token side as one rank-1 term (Σ_empty δ)ᵀ(r̃₀·P̄), whose δ are 0.
     tol = 2e-5
     for p, r, a, b in zip(params, raw, gradient, token):
         scale = a.abs().max()
@@ -127,6 +140,8 @@ def test_token_side_equals_gradient_side(single_process_group, monkeypatch, case
         assert (a - r).abs().max() > 1e-2 * scale  # the projection is not the identity: the test can fail
     if alignment_rows is not None:
         assert alignment_rows[0] > 0  # both sides saw AutoEP's zero rows, and they agree
+    if empty_slots is not None:  # the token side covered filled slots plus one empty row (biased h: act(b1) ≠ 0)
+        assert empty_slots[0] > 0
 
 
 def test_cost_model_counts_the_weight_gradient_product_once():
@@ -148,3 +163,40 @@ def test_projection_side_config_is_validated():
     assert OMoEConfig(projection_side="token").projection_side == "token"
     with pytest.raises(OMoEConfigError, match=r"projection_side='tokens'.*\"auto\".*\"gradient\".*\"token\""):
         OMoEConfig(projection_side="tokens")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_product_over_filled_slots_is_exact_for_any_gradient(bias):
+    """Capacity slots: the token side takes X̃·P̄ of the filled rows plus the one row every empty slot holds, and
+    adds (Σ_empty δ)ᵀ(r̃₀·P̄). Against δᵀ(X̃·P̄) over every row, with δ nonzero on the empty rows too (a token whose
+    row is exactly r₀ counts as empty), and the input gradient unchanged."""
+    from omoe_ds.core.projection_hooks import LinearTokenSide, TokenProduct
+    g = torch.Generator().manual_seed(11)
+    d, out, rows = 6, 5, 10
+    n = d + bias
+    pbar = torch.randn(n, n, generator=g)
+    pbar = pbar + pbar.T
+    x = torch.randn(rows, d, generator=g)
+    empty_row = torch.randn(d, generator=g)
+    filled = torch.tensor([True, True, False, True, False, False, True, True, False, True])
+    x[~filled] = empty_row
+    linear = torch.nn.Linear(d, out, bias=bias)
+    delta = torch.randn(rows, out, generator=g)
+
+    def augmented(t):
+        return torch.cat([t, t.new_ones(t.shape[0], 1)], 1) if bias else t
+    product = TokenProduct(lambda r: augmented(r) @ pbar, [0.0], lambda: filled)
+    LinearTokenSide(linear, lambda _: True, product)
+    x_in = x.clone().requires_grad_()
+    (linear(x_in) * delta).sum().backward()
+    expected = delta.T @ (augmented(x) @ pbar)  # [out, n] = [G_W | g_b]·P̄ over every row
+    # fp32 sums of 10 rows in another order: ~10·2⁻²⁴ of the terms' absolute sum (≤ 10·|δ||X̃P̄| ≈ 1e2 here)
+    assert torch.allclose(linear.weight.grad, expected[:, :d], rtol=0, atol=1e-4)
+    if bias:
+        assert torch.allclose(linear.bias.grad, expected[:, d], rtol=0, atol=1e-4)
+    assert torch.allclose(x_in.grad, delta @ linear.weight.detach(), rtol=0, atol=1e-6)
+    # the product saw the filled rows and one empty row only
+    product_rows = []
+    counting = TokenProduct(lambda r: product_rows.append(r.shape[0]) or augmented(r) @ pbar, [0.0], lambda: filled)
+    counting(x)
+    assert product_rows == [int(filled.sum()) + 1]

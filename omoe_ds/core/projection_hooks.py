@@ -7,7 +7,9 @@ the Linear's output gradient δ supplies the side terms: g_b = Σδ and G_W·c =
 
 Token side: `ProjectedLinear` is F.linear whose backward returns [G_W | g_b] = δᵀ(X̃·P̄) directly, so
 autograd never forms δᵀX̃; X̃·P̄ is computed in the forward (saved in place of X) and shared by the
-matrices that read the same input (`TokenProduct`).
+matrices that read the same input (`TokenProduct`). Where the rows are capacity slots (DeepSpeed's native
+experts), X̃·P̄ is computed for the filled slots only: every empty slot's input row is one and the same row
+r₀ (zeros, or the expert's function of zeros), so their part is the rank-1 (Σ_empty δ)ᵀ(r̃₀·P̄), exact.
 """
 from __future__ import annotations
 
@@ -115,41 +117,73 @@ class FusedGradProjector:
 
 
 class ProjectedLinear(torch.autograd.Function):
-    """y = F.linear(x, W, b); backward: δW for x, and [G_W | g_b] = δᵀ(X̃·P̄) from x_pbar = X̃·P̄ [rows, n]."""
+    """y = F.linear(x, W, b); backward: δW for x, and [G_W | g_b] = δᵀ(X̃·P̄) from x_pbar = X̃·P̄ [rows, n].
+    With `filled` (a bool mask over the rows), x_pbar holds the filled rows only and `empty_pbar` [n] is
+    r̃₀·P̄ of the one row every other row equals: [G_W | g_b] = δ_filledᵀ·x_pbar + (Σ_empty δ)ᵀ·empty_pbar."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_pbar):
-        ctx.save_for_backward(weight, x_pbar)
+    def forward(ctx, x, weight, bias, x_pbar, filled=None, empty_pbar=None):
+        ctx.save_for_backward(weight, x_pbar, filled, empty_pbar)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, x_pbar = ctx.saved_tensors
+        weight, x_pbar, filled, empty_pbar = ctx.saved_tensors
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        projected = grad_out.reshape(-1, grad_out.shape[-1]).to(projector.PROJECTOR_DTYPE).T @ x_pbar  # [out, n]
+        delta = grad_out.reshape(-1, grad_out.shape[-1]).to(projector.PROJECTOR_DTYPE)
+        if filled is None:
+            projected = delta.T @ x_pbar  # [out, n]
+        else:
+            projected = delta[filled].T @ x_pbar
+            if empty_pbar is not None:
+                projected.add_(torch.outer(delta[~filled].sum(0), empty_pbar))
         d = weight.shape[1]
         grad_b = projected[:, d].to(weight.dtype) if ctx.has_bias else None
-        return grad_x, projected[:, :d].to(weight.dtype), grad_b, None
+        return grad_x, projected[:, :d].to(weight.dtype), grad_b, None, None, None
+
+
+class TokenRows:
+    """X̃·P̄ of one input, for ProjectedLinear: of every row, or of the filled rows plus the empty rows' one."""
+
+    def __init__(self, x_pbar: torch.Tensor, filled: Optional[torch.Tensor] = None,
+                 empty_pbar: Optional[torch.Tensor] = None):
+        self.x_pbar, self.filled, self.empty_pbar = x_pbar, filled, empty_pbar
+
+    def apply(self, x, weight, bias):
+        return ProjectedLinear.apply(x, weight, bias, self.x_pbar, self.filled, self.empty_pbar)
 
 
 class TokenProduct:
-    """X̃·P̄ of one (expert, stream), timed, computed once per input tensor: gate and up read the same x."""
+    """X̃·P̄ of one (expert, stream), timed, computed once per input tensor: gate and up read the same x.
+    `filled_rows()`, where given, is the mask of the capacity slots holding tokens in the current forward
+    (None: every row): the product then covers those rows and one empty row, when all empty rows are equal."""
 
-    def __init__(self, product: Callable[[torch.Tensor], torch.Tensor], timer: list):
-        self._product, self._timer = product, timer
-        self._last = (None, None)  # weak refs (input, X̃·P̄): the autograd graph owns both
+    def __init__(self, product: Callable[[torch.Tensor], torch.Tensor], timer: list,
+                 filled_rows: Optional[Callable[[], Optional[torch.Tensor]]] = None):
+        self._product, self._timer, self._filled_rows = product, timer, filled_rows
+        self._last = ()  # weak refs (input, X̃·P̄, filled, empty row's): the autograd graph owns the tensors
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        seen, value = (ref() if ref is not None else None for ref in self._last)
-        if seen is x and value is not None:
-            return value
+    def __call__(self, x: torch.Tensor) -> TokenRows:
+        if self._last and self._last[0]() is x and self._last[1]() is not None:
+            return TokenRows(*(ref() if ref is not None else None for ref in self._last[1:]))
         start = time.perf_counter()
         with torch.no_grad():
-            value = self._product(x.detach().reshape(-1, x.shape[-1]))
+            value = self._rows(x.detach().reshape(-1, x.shape[-1]))
         self._timer[0] += time.perf_counter() - start
-        self._last = (weakref.ref(x), weakref.ref(value))
+        self._last = tuple(weakref.ref(t) if t is not None else None
+                           for t in (x, value.x_pbar, value.filled, value.empty_pbar))
         return value
+
+    def _rows(self, rows: torch.Tensor) -> TokenRows:
+        filled = self._filled_rows() if self._filled_rows is not None else None
+        if filled is None or filled.shape[0] != rows.shape[0] or bool(filled.all()):
+            return TokenRows(self._product(rows))
+        empty = rows[~filled]
+        if not torch.equal(empty, empty[:1].expand_as(empty)):  # not slots after all: every row, as given
+            return TokenRows(self._product(rows))
+        both = self._product(torch.cat([rows[filled], empty[:1]]))
+        return TokenRows(both[:-1], filled, both[-1])
 
 
 class LinearTokenSide:
@@ -163,7 +197,7 @@ class LinearTokenSide:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
         if torch.is_grad_enabled() and linear.weight.requires_grad and self._uses_token_side(x):
-            return ProjectedLinear.apply(x, linear.weight, linear.bias, self._product(x))
+            return self._product(x).apply(x, linear.weight, linear.bias)
         return type(linear).forward(linear, x)
 
     def remove_hooks(self) -> None:

@@ -93,18 +93,18 @@ class DeepSpeedMoELayer(ExpertLayer):
         return self.experts[local](tokens)
 
     def attach_projection(self, view: ProjectorView, is_active, timer: list) -> list:
-        # One expert's out features per stream (gate and up both read x); every local expert gets as many
-        # capacity rows as the first, so the stream's token rows are E_local times the first call's.
+        # One expert's out features per stream (gate and up both read x).
         out_features = [sum(linear.out_features for linear, s in zip(self.linears[0], self.matrix_streams) if s == stream)
                         for stream in (X, H)]
+        slots = _FilledSlots(self.module.deepspeed_moe.experts, is_active)
 
-        def uses_token_side(x, s):
-            rows = x.numel() // x.shape[-1] * self.num_local_experts
-            return is_active() and view.choose(s, rows, out_features[s]) == "token"
+        def uses_token_side(x, s):  # the token side pays for the filled slots, not for the capacity
+            return is_active() and view.choose(s, slots.total(), out_features[s]) == "token"
 
-        hooks = []
+        hooks = [slots]
         for local, per_expert in enumerate(self.linears):
-            products = {s: TokenProduct(lambda rows, s=s, l=local: view.token_product(s, l, rows), timer)
+            products = {s: TokenProduct(lambda rows, s=s, l=local: view.token_product(s, l, rows), timer,
+                                        lambda l=local: slots.of(l))
                         for s in set(self.matrix_streams)}
             for linear, stream in zip(per_expert, self.matrix_streams):
                 hooks.append(ExpertGradProjector(
@@ -116,6 +116,31 @@ class DeepSpeedMoELayer(ExpertLayer):
 
     def attach_recorder(self, context: RecordContext) -> list:
         return [_NativeRecorder(self, context)]
+
+
+class _FilledSlots:
+    """Which capacity slots of each local expert hold a token, in an O step's forward. DeepSpeed fills each source
+    rank's block of C slots from slot 0 and pads it with exact zero rows, so a slot is filled iff its row is
+    nonzero; a token whose row is exactly zero is counted as empty, which the token side's empty-row term keeps
+    exact (its row is the empty rows' row)."""
+
+    def __init__(self, experts: nn.Module, is_active):
+        self._is_active, self._masks = is_active, None
+        self._handle = experts.register_forward_pre_hook(self._find)
+
+    def _find(self, experts, inputs) -> None:
+        active = self._is_active() and torch.is_grad_enabled()
+        self._masks = (inputs[0].detach() != 0).any(-1) if active else None  # [ep_size, E_local, C]
+
+    def of(self, local: int) -> Optional[torch.Tensor]:
+        """Local expert `local`'s mask over its input rows ([ep_size, 1, C] flattened), or None."""
+        return None if self._masks is None else self._masks[:, local].reshape(-1)
+
+    def total(self) -> int:
+        return int(self._masks.sum()) if self._masks is not None else 0
+
+    def remove_hooks(self) -> None:
+        self._handle.remove()
 
 
 class _NativeRecorder:
