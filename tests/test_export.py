@@ -600,6 +600,7 @@ def test_the_qwen2_moe_export_trains_further_through_autoep_at_zero3(ep2_run):
 @pytest.mark.parametrize("removed, match", [
     ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
     ("zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt is missing"),
+    ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt is missing"),
 ])
 def test_incomplete_zero3_checkpoint_is_refused_naming_the_file(ep2_run, tmp_path, removed, match):
     ckpt = tmp_path / "ckpt"
