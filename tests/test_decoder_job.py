@@ -73,26 +73,31 @@ def data(tiny_data):
     return tiny_data
 
 
+MOE_LAYERS = [0, 5, 10, 15, 20, 25]  # the README decoder job's; with these short batches, 2 ranks, ZeRO-3 and a kept
+# parameter trace, the first O step died in a gloo size mismatch (core/phase.py: _forget_zero3_trace)
+
+
 def test_upcycled_smollm2_trains_through_autoep_at_zero3_with_o_steps(data, tmp_path):
     out, results = run_job(data, tmp_path, "autoep_z3", "finetune_autoep_zero3.json", "--experts", "4", "--ep-size", "2",
-                           "--expert-parallel", "autoep", "--moe-layers", "0,1", "--max-steps", "4", "--save-every", "4",
-                           "--keep-checkpoints", "1")
-    assert results["steps"] == 4 and results["o_steps"] == 1  # skip_step 3: step 3 is the O step
+                           "--expert-parallel", "autoep", "--moe-layers", ",".join(map(str, MOE_LAYERS)),
+                           "--max-steps", "7", "--save-every", "7", "--keep-checkpoints", "1")
+    assert results["steps"] == 7 and results["o_steps"] == 2  # skip_step 3: steps 3 and 6 are O steps
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert all(np.isfinite(r["train_loss"]) for r in records)
     layers = results["diversity"]["layers"]
-    assert len(layers) == 2 and all(set(layer) >= {"gate", "up", "down", "output_variance"} for layer in layers)
+    assert len(layers) == len(MOE_LAYERS)
+    assert all(set(layer) >= {"gate", "up", "down", "output_variance"} for layer in layers)
     # Every real dev token is routed once (top-1) and padding nowhere, though AutoEP's router sees both.
     tokenizer = AutoTokenizer.from_pretrained(models.smollm2_135m_path())
     with open(os.path.join(data, "dev.csv")) as f:
         dev = [row["text"] for row in csv.DictReader(f)]
     real_tokens = int(tokenizer(dev, truncation=True, max_length=MAX_LENGTH, padding="max_length",
                                 return_tensors="pt")["attention_mask"].sum())
-    assert [sum(layer["tokens"]) for layer in results["diversity"]["dev_expert_load"]] == [real_tokens] * 2
+    assert [sum(layer["tokens"]) for layer in results["diversity"]["dev_expert_load"]] == [real_tokens] * len(MOE_LAYERS)
     assert results["config"]["deepspeed"]["expert_parallel"]["autoep_size"] == 2
-    # The ZeRO-3 checkpoint, 28 of 30 layers dense, exports as Qwen2-MoE (Mixtral has no dense layers)
+    # The ZeRO-3 checkpoint, 24 of 30 layers dense, exports as Qwen2-MoE (Mixtral has no dense layers)
     model = export_predicts_as_the_job(out, results, data, tmp_path, "Qwen2MoeForSequenceClassification")
-    assert model.config.mlp_only_layers == list(range(2, 30))
+    assert model.config.mlp_only_layers == [i for i in range(30) if i not in MOE_LAYERS]
 
 
 def test_omoe_lora_on_smollm2_at_zero3(data, tmp_path):

@@ -104,6 +104,7 @@ class OMoE:
         return self.phase == "O"
 
     def _before_forward(self, module, args, kwargs) -> None:
+        self._forget_zero3_trace()
         if not (module.training and torch.is_grad_enabled()):
             return
         mask = kwargs.get("attention_mask")
@@ -120,6 +121,18 @@ class OMoE:
         else:
             self.phase = "R"
             self._thaw_dense()
+
+    def _forget_zero3_trace(self) -> None:
+        """Every forward under ZeRO-3 runs without DeepSpeed's parameter trace (fetch on demand, no prefetch). The
+        trace replays the fetch order of an earlier pass and checks it by module order only; an O step's backward
+        fetches other parameters than an R step's (frozen dense modules), and passes recorded after a phase change
+        disagreed between ranks. Seen on 2 ranks, SmolLM2 upcycled in 6 layers under AutoEP at ZeRO-3, short
+        batches: a gloo size mismatch in the first O step with the trace kept, DeepSpeed's "tracing error" with
+        prefetching off, and its rank-disagreement check on a trace recorded after an O step."""
+        offload = getattr(self.engine.optimizer, "parameter_offload", None)
+        coordinator = offload.get_param_coordinator() if offload is not None else None
+        if coordinator is not None and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
 
     def _freeze_dense(self) -> None:
         if not self._frozen:
