@@ -122,14 +122,17 @@ def test_augmented_mean_appends_one_only_with_bias():
     assert torch.equal(pj.augmented_mean(s, 2, False), torch.tensor([1.0, 2.0]))
 
 
-def test_every_projector_form_agrees_with_fp64_over_200_o_steps():
-    """4 experts (2 of them local, global ids 2, 3), n = 25 with a bias coordinate, α decaying with λ = 0.5,
+@pytest.mark.parametrize("M, E, first", [(4, 2, 2), (8, 6, 2)])
+def test_every_projector_form_agrees_with_fp64_over_200_o_steps(M, E, first):
+    """4 experts (2 of them local, global ids 2, 3: factored products leave each expert's factors out), or 8
+    (6 local, ids 2..7: they zero its columns), n = 25 with a bias coordinate, α decaying with λ = 0.5,
     200 O steps of exchanged factors. Every form applies the same fp32 factors; the reference runs the RLS
     recursion in fp64. A P̄·v entry is an n-term fp32 dot product of v with entries |P̄| ≤ 1 (a mean of
     contractions): its rounding is at most n·2⁻²⁴·Σ|v|, whatever form produced P̄."""
     from omoe_ds.core.projector_state import StreamProjectors
-    n, M, E, first, T = 25, 4, 2, 2, 200
+    n, T = 25, 200
     stores = {form: StreamProjectors(n, M, E, first, M - 1, storage=form) for form in ("factored", "hybrid", "dense")}
+    assert stores["factored"]._gathers_others() == (M == 4)
     ref = [torch.eye(n, dtype=torch.float64) for _ in range(M)]
     g = torch.Generator().manual_seed(1)
     v = torch.randn(n, generator=g)

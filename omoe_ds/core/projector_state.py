@@ -4,8 +4,9 @@ Every P_j starts at I and loses one rank-1 term per O step (RLS, eq. 13), so aft
 P_j = I − U_j U_jᵀ exactly, with U_j [n, t] the factors the exchange already sends. Three forms:
 - factored: V [n, M, t] holds every expert's factors (all M, in global order: S needs them all), so
   P_j = I − V[:, j] V[:, j]ᵀ and S = Σ_j P_j = M·I − Σ_j V_j V_jᵀ; no n×n matrix is ever formed:
-  P_j x = x − U_j(U_jᵀ x), and G·P̄_l = a·G − ((G V) with l's columns zeroed)·Vᵀ / divisor,
-  a = (M − 1) / divisor, because S − P_l = (M − 1)·I − Σ_{j≠l} V_j V_jᵀ;
+  P_j x = x − U_j(U_jᵀ x), and G·P̄_l = a·G − (G V_{-l})·V_{-l}ᵀ / divisor, a = (M − 1) / divisor,
+  because S − P_l = (M − 1)·I − Σ_{j≠l} V_j V_jᵀ (V_{-l}: V without l's columns, gathered once per O step
+  where few experts are local; else (G V) with l's columns zeroed);
 - hybrid: S [n, n] dense and W [n, E_local, t] this rank's experts' factors only, so
   G·P̄_l = (G·S − G + (G W_l) W_lᵀ) / divisor: a row costs n² + 2·n·t, whatever M is;
 - dense: P [E_local, n, n] for this rank's experts and S [n, n], updated in place (P ← P − uuᵀ).
@@ -37,6 +38,7 @@ class StreamProjectors:
         self.P: Optional[torch.Tensor] = None   # dense form
         self.S: Optional[torch.Tensor] = None   # hybrid and dense forms
         self._pbar: Optional[torch.Tensor] = None  # dense P̄ [E_local, n, n], built once per O step
+        self._others: Optional[torch.Tensor] = None  # factored: V_{-l} [E_local, n, (M − 1)·t], once per O step
         if storage == "dense":
             self._to_dense()
         elif storage == "hybrid":
@@ -114,7 +116,7 @@ class StreamProjectors:
         else:
             self.V = torch.cat([self.V, U_all.T.unsqueeze(-1)], dim=2)
         self._settle()
-        self._pbar = None
+        self.release_o_step()
 
     # ---- P̄ = (S − P_l) / divisor --------------------------------------------------------------
     @property
@@ -127,11 +129,26 @@ class StreamProjectors:
         return self._pbar
 
     def release_o_step(self) -> None:
-        """Drop the P̄ built for the O step (its memory is the dense form's again)."""
-        self._pbar = None
+        """Drop what was built for the O step (P̄, or the leave-one-out factors): the held form's memory again."""
+        self._pbar = self._others = None
+
+    def _gathers_others(self) -> bool:
+        """Factored: gather each local expert's V_{-l} once per O step where that costs at most 3× V's memory
+        (few local experts), so products skip the expert's own t factors (1/M of the work, 25% at M = 4)."""
+        return self.V is not None and self.num_local * (self.num_experts - 1) <= 3 * self.num_experts
+
+    def _others_stack(self) -> torch.Tensor:
+        """[E_local, n, (M − 1)·t]: every expert's factors but local expert l's, per l."""
+        if self._others is None:
+            keep = [[j for j in range(self.num_experts) if j != self.first_global + l] for l in range(self.num_local)]
+            self._others = torch.stack([self.V[:, columns].reshape(self.n, -1) for columns in keep])
+        return self._others
 
     def _times_others(self, G: torch.Tensor, local: int, rows: slice) -> torch.Tensor:
         """(G · V[rows] with local expert l's columns zeroed) · V[rows]ᵀ: G [.., r] → [.., r]."""
+        if self._gathers_others():
+            others = self._others_stack()[local, rows]
+            return (G @ others) @ others.T
         V = self.V[rows].reshape(-1, self.V.shape[1] * self.V.shape[2])
         GV = (G @ V).view(*G.shape[:-1], self.num_experts, -1)
         GV[..., self.first_global + local, :] = 0
@@ -153,6 +170,9 @@ class StreamProjectors:
         if self.W is not None:
             W = self.W.permute(1, 0, 2)  # [E_local, n, t]
             return (G @ self.S - G + torch.bmm(torch.bmm(G, W), W.transpose(1, 2))) / self.divisor
+        if self._gathers_others():
+            others = self._others_stack()
+            return self.identity_scale * G - torch.bmm(torch.bmm(G, others), others.transpose(1, 2)) / self.divisor
         flat = self.V.reshape(self.n, -1)                       # [n, M·t]
         GV = (G @ flat).view(G.shape[0], G.shape[1], self.num_experts, -1)
         local = torch.arange(self.num_local, device=G.device)
@@ -168,13 +188,14 @@ class StreamProjectors:
         return self.weight_product(X, local, self.n)
 
     def row_cost(self) -> int:
-        """Multiply-adds of one row times P̄: n² dense; factored, (row·V)·Vᵀ over every expert's M·t factors;
+        """Multiply-adds of one row times P̄: n² dense; factored, (row·V_{-l})·V_{-l}ᵀ over the other experts'
+        (M − 1)·t factors (M·t where l's are zeroed instead of left out);
         hybrid, row·S plus (row·W_l)·W_lᵀ over the expert's own t."""
         if self.P is not None:
             return self.n * self.n
         if self.W is not None:
             return self.n * self.n + 2 * self.n * self.steps
-        return 2 * self.n * self.num_experts * self.steps
+        return 2 * self.n * (self.num_experts - self._gathers_others()) * self.steps
 
     def _bias_coordinate_of_others(self, local: int) -> torch.Tensor:
         """The bias coordinate (row n − 1) of every factor but local expert l's, flat [M·t]."""
@@ -216,7 +237,8 @@ class StreamProjectors:
 
     def load_factored_(self, V: torch.Tensor) -> None:
         """Take every expert's saved factors [n, M, t] (a factored checkpoint); other storages form theirs."""
-        self.V, self.W, self.P, self.S, self._pbar = V.to(PROJECTOR_DTYPE).clone(), None, None, None, None
+        self.release_o_step()
+        self.V, self.W, self.P, self.S = V.to(PROJECTOR_DTYPE).clone(), None, None, None
         if self.storage == "dense":
             self._to_dense()
         elif self.storage == "hybrid":
@@ -226,7 +248,8 @@ class StreamProjectors:
     def load_hybrid_(self, W_local: torch.Tensor, S: torch.Tensor, V_every: Optional[torch.Tensor] = None) -> None:
         """Take saved local factors [n, E_local, t] and S (a hybrid checkpoint); factored storage needs every
         expert's factors V [n, M, t] (each expert's file holds its own)."""
-        self.V = self.W = self.P = self.S = self._pbar = None
+        self.release_o_step()
+        self.V = self.W = self.P = self.S = None
         if self.storage == "factored":
             self.V = V_every.to(PROJECTOR_DTYPE).clone()
             return
@@ -238,7 +261,8 @@ class StreamProjectors:
     def load_dense_(self, P_local: torch.Tensor, S: torch.Tensor, P_every: Optional[torch.Tensor] = None) -> None:
         """Take saved dense P [E_local, n, n] and S; factored storage needs every expert's P [M, n, n] and
         refactors each as I − UUᵀ, hybrid storage this rank's (exact up to the eigensolver's rounding)."""
-        self._pbar, self.W = None, None
+        self.release_o_step()
+        self.W = None
         if self.storage in ("auto", "dense"):
             self.P, self.S, self.V = P_local.to(PROJECTOR_DTYPE).clone(), S.to(PROJECTOR_DTYPE).clone(), None
             return
