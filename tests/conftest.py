@@ -49,6 +49,17 @@ SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
 def remove_deepspeed_shm_buffers():
     """DeepSpeed 0.19.8's CPU shm all-reduce leaves a 69 MB /dev/shm file per rank and launch, named by the
     master port; every launch here takes a fresh port, so without this a full run holds gigabytes of RAM."""
+    yield from _removing_buffers_created()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_deepspeed_shm_buffers_of_fixtures():
+    """The same for launches in module- and session-scoped fixtures, which run before a test's own snapshot
+    (measured: a run of tests/test_layouts.py and test_checkpoint.py left 11 files, 0.76 GB)."""
+    yield from _removing_buffers_created()
+
+
+def _removing_buffers_created():
     before = set(glob.glob(SHM_BUFFERS))
     yield
     created = set(glob.glob(SHM_BUFFERS)) - before
