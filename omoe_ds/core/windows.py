@@ -39,6 +39,12 @@ class InputWindow:
         self.sums[stream][global_expert] += row_sum.to(ACCUMULATOR_DTYPE)
         self.counts[stream][global_expert] += torch.as_tensor(count, dtype=ACCUMULATOR_DTYPE)
 
+    def add_experts(self, stream: int, first_global: int, row_sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """row_sums [E, d] and counts [E] of global experts first_global .. first_global + E − 1."""
+        block = slice(first_global, first_global + row_sums.shape[0])
+        self.sums[stream][block] += row_sums.to(ACCUMULATOR_DTYPE)
+        self.counts[stream][block] += counts.to(ACCUMULATOR_DTYPE)
+
     def add_per_expert(self, stream: int, expert_ids: torch.Tensor, rows: torch.Tensor) -> None:
         """rows [R, d], expert_ids [R] global expert of each row (one row per token and route)."""
         self.sums[stream].index_add_(0, expert_ids, rows.to(ACCUMULATOR_DTYPE))

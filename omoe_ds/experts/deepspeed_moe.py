@@ -11,9 +11,10 @@ Recording, with no collective:
   routed token to its global expert's row, local or not.
 - h exists only where the expert runs. DeepSpeed fills each source rank's block of C capacity slots
   from slot 0 and pads it with exact zero rows (`_sparse_encode`), so the receiving rank finds its
-  filled slots itself: a slot is filled iff the first x-reading Linear's input row is nonzero. That
-  Linear's pre-hook stashes the mask for the down Linear's pre-hook of the same local expert, which
-  adds Σh and the count to its global row; other experts' rows stay 0 on this rank.
+  filled slots itself: a slot is filled iff the experts' input row is nonzero. A pre-hook on the experts
+  module takes every local expert's mask at once; each down Linear's pre-hook sums its filled rows of h,
+  and after the layer the sums and counts go to the local experts' global rows; other experts' rows
+  stay 0 on this rank.
   Caveat (measure zero): a real token whose hidden state is exactly the zero vector is counted in the
   x stream but taken for an empty slot in the h stream; each mean uses its own count.
 """
@@ -144,15 +145,20 @@ class _FilledSlots:
 
 
 class _NativeRecorder:
+    """R-step recording with a few ops per layer, whatever E_local is: the filled-slot masks of every local expert
+    come from one test on the experts' input, each expert's Σh is one matrix-vector product into a staging row,
+    and the rows reach the window once, after the layer."""
+
     def __init__(self, layer: DeepSpeedMoELayer, context: RecordContext):
         self.layer, self.context = layer, context
         self.first_global = collectives.ep_rank(layer.ep_size) * layer.num_local_experts
         self._in_dispatch = False
-        self._filled: List[Optional[torch.Tensor]] = [None] * layer.num_local_experts
+        self._masks: Optional[torch.Tensor] = None  # [E_local, ep_size·C] float 0/1: filled slots
+        self._hidden_sums: Dict[int, torch.Tensor] = {}
         self._handles = [layer.gate.register_forward_hook(self._after_gate),
+                         layer.module.deepspeed_moe.experts.register_forward_pre_hook(self._find_filled_slots),
                          layer.module.register_forward_hook(self._after_layer)]
         for local, per_expert in enumerate(layer.linears):
-            self._handles.append(per_expert[0].register_forward_pre_hook(self._make_mask_hook(local)))
             self._handles.append(per_expert[-1].register_forward_pre_hook(self._make_hidden_hook(local)))
 
     def remove_hooks(self) -> None:
@@ -169,28 +175,32 @@ class _NativeRecorder:
         routed = (indices.unsqueeze(-1) == experts).any(0)  # [S, M]; the k routes name distinct experts
         self.context.window.add_routed(X, routed, x)
 
-    def _after_layer(self, moe, inputs, output) -> None:
-        # The masks describe this dispatch only; an expert Linear called outside it records nothing.
-        self._in_dispatch = False
-        self._filled = [None] * self.layer.num_local_experts
-
-    def _make_mask_hook(self, local: int):
-        def find_filled_slots(linear, inputs):
-            if not self._in_dispatch or not self.context.should_capture(linear):
-                return
-            x = inputs[0].detach()  # [ep_size, 1, C, d]: one block of C slots per source rank
-            self._filled[local] = (x != 0).any(-1).reshape(-1)
-        return find_filled_slots
+    def _find_filled_slots(self, experts, inputs) -> None:
+        if not self._in_dispatch or not self.context.should_capture(experts):
+            return
+        x = inputs[0].detach()  # [ep_size, E_local, C, d]: per source rank, each local expert's C slots
+        self._masks = (x != 0).any(-1).transpose(0, 1).reshape(self.layer.num_local_experts, -1).float()
 
     def _make_hidden_hook(self, local: int):
         def record_hidden(linear, inputs):
-            filled = self._filled[local]
-            if filled is None or not self.context.should_capture(linear):
+            if self._masks is None or not self.context.should_capture(linear):
                 return
-            self._filled[local] = None
-            h = inputs[0].detach().reshape(filled.shape[0], -1)
-            self.context.window.add_expert(H, self.first_global + local, filled.float() @ h.float(), filled.sum())
+            h = inputs[0].detach()
+            self._hidden_sums[local] = self._masks[local] @ h.reshape(self._masks.shape[1], -1).float()
         return record_hidden
+
+    def _after_layer(self, moe, inputs, output) -> None:
+        # The masks describe this dispatch only; an expert Linear called outside it records nothing.
+        masks, sums = self._masks, self._hidden_sums
+        self._in_dispatch, self._masks, self._hidden_sums = False, None, {}
+        if masks is None or not sums:
+            return
+        if len(sums) == masks.shape[0]:
+            self.context.window.add_experts(H, self.first_global, torch.stack([sums[l] for l in range(len(sums))]),
+                                            masks.sum(1))
+            return
+        for local, row_sum in sums.items():  # an expert not called in this dispatch records nothing
+            self.context.window.add_expert(H, self.first_global + local, row_sum, masks[local].sum())
 
 
 def _expert_linears(expert: nn.Module, where: str) -> Tuple[List[nn.Linear], bool]:
