@@ -13,10 +13,12 @@ Shapes (FFN experts, top-1, 4 experts, ZeRO-2, s = 5):
 Each shape runs AdamW, then OMoE with the projector state of a fresh run (t = 0 O steps) and of a long
 one (t = 200, by default): the long state is built before timing by 200 RLS updates from random window
 means, the updates a run would have made. The top-level OMoE keys are the longest state's; `by_o_steps`
-holds each. Step times are medians of barrier-to-barrier wall time per optimizer step. Exchange bytes
+holds each. Step times are medians of barrier-to-barrier wall time per optimizer step; the AdamW engine
+stays alive and takes its step on the same batch just before each OMoE step, so the two are compared seconds
+apart (run one after the other, their medians moved by ±10–20% against each other on this shared machine). Exchange bytes
 come from DeepSpeed's comms logger (what each rank's collectives sent); the dense figure is what each rank
-would send to all-gather its local experts' dense projectors instead. Each engine is destroyed before the
-next is built, and DeepSpeed's /dev/shm all-reduce buffers of the launch are removed after it.
+would send to all-gather its local experts' dense projectors instead. Each OMoE engine is destroyed before
+the next is built, and DeepSpeed's /dev/shm all-reduce buffers of the launch are removed after it.
 """
 import argparse
 import gc
@@ -90,28 +92,37 @@ def preapply_o_steps(omoe, o_steps: int, seed: int = 0) -> None:
             omoe.o_steps_done = o_steps
 
 
-def time_steps(engine, x, y, steps, micro_batch, world, enabled):
-    """Wall time of each optimizer step, its kind, and the O steps' exchange and projection seconds."""
+def time_steps(engine, x, y, steps, micro_batch, world, enabled, paired=None):
+    """Wall time of each optimizer step, its kind, and the O steps' exchange and projection seconds. With
+    `paired` (the AdamW engine), it takes a timed step on the same batch before each of `engine`'s, so a
+    drift in the machine's speed falls on both alike; its times come back last."""
     import deepspeed.comm as dist
     from omoe_ds.finetune.small_job import micro_batches
-    times, kinds, exchange_s, projection_s = [], [], [], []
-    for step in range(steps):
-        xb, yb = next(micro_batches(x, y, step, micro_batch * world, 1))
+
+    def timed_step(e, xb, yb):
         dist.barrier()
         start = time.perf_counter()
+        e.backward(e(xb, yb))
+        e.step()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    times, kinds, exchange_s, projection_s, paired_times = [], [], [], [], []
+    for step in range(steps):
+        xb, yb = next(micro_batches(x, y, step, micro_batch * world, 1))
+        if paired is not None:
+            paired_times.append(timed_step(paired, xb, yb))
         if enabled:
             engine.omoe.projection_seconds[0] = 0.0
-        engine.backward(engine(xb, yb))
-        engine.step()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
+        times.append(timed_step(engine, xb, yb))
         is_o = enabled and engine.omoe.config.is_o_step(step)
         kinds.append("O" if is_o else "R")
         if is_o:
             exchange_s.append(engine.omoe.exchange_seconds)
             projection_s.append(engine.omoe.projection_seconds[0])
     timed = list(zip(times, kinds))[1:]  # step 0 pays one-off allocation costs
-    return ([t for t, k in timed if k == "R"], [t for t, k in timed if k == "O"], exchange_s, projection_s)
+    return ([t for t, k in timed if k == "R"], [t for t, k in timed if k == "O"], exchange_s, projection_s,
+            paired_times[1:])
 
 
 def build_engine(spec, micro_batch, omoe_config):
@@ -144,8 +155,9 @@ def stream_report(engine):
             for r in engine.omoe.storage_report()]
 
 
-def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_extra=None, freeze=True):
-    """OMoE's step times and bytes with the projectors first advanced by `o_steps_before` O steps."""
+def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_extra=None, freeze=True, paired=None):
+    """OMoE's step times and bytes with the projectors first advanced by `o_steps_before` O steps; with
+    `paired` (the AdamW engine), also AdamW's steps taken in turn with OMoE's (`adamw_step_s`)."""
     from deepspeed.comm.comm import comms_logger
     from omoe_ds.core import collectives
     holder = [build_engine(spec, micro_batch, {"enabled": True, "skip_step": SKIP_STEP, **(omoe_extra or {})})]
@@ -153,13 +165,15 @@ def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_ext
     engine.omoe.freeze_dense_in_o_steps = freeze
     preapply_o_steps(engine.omoe, o_steps_before)
     comms_logger.comms_dict.clear()
-    r_times, o_times, exchange_s, projection_s = time_steps(engine, x, y, steps, micro_batch, world, True)
+    r_times, o_times, exchange_s, projection_s, adamw_times = time_steps(engine, x, y, steps, micro_batch, world,
+                                                                         True, paired)
     logged = comms_logger.comms_dict
     bytes_of = lambda name: sum(size * rec[0] for size, rec in logged.get(name, {}).items())  # noqa: E731
     layer_n = [spec.d_model + 1, spec.d_ff + 1]
     streams = stream_report(engine)
     result = {
         "o_steps_before": o_steps_before, "r_step_s": statistics.median(r_times), "o_step_s": statistics.median(o_times),
+        **({"adamw_step_s": statistics.median(adamw_times)} if adamw_times else {}),
         "o_steps_timed": len(o_times),
         "o_step_projector_update_and_exchange_s": statistics.median(exchange_s),
         "o_step_grad_projection_s": statistics.median(projection_s),
@@ -196,25 +210,25 @@ def worker(args):
         started = time.perf_counter()
         result = {"shapes": {**shape, "tokens_per_rank": micro_batch * spec.seq_len, "micro_batch_per_rank": micro_batch,
                              "timed_steps": steps - 1}}
-        holder = [build_engine(spec, micro_batch, {"enabled": False})]
-        r_times, *_ = time_steps(holder[0], x, y, steps, micro_batch, world, False)
-        free_engine(holder)
-        result["adamw_step_s"] = statistics.median(r_times)
+        # AdamW stays alive and steps in turn with each OMoE engine: every ratio compares steps taken seconds apart
+        adamw = [build_engine(spec, micro_batch, {"enabled": False})]
         by_t = {}
         for t in args.o_steps_before:
-            by_t[str(t)] = one = measure_omoe(spec, x, y, steps, micro_batch, world, t)
+            by_t[str(t)] = one = measure_omoe(spec, x, y, steps, micro_batch, world, t, paired=adamw[0])
             cycle = ((SKIP_STEP - 1) * one["r_step_s"] + one["o_step_s"]) / SKIP_STEP
-            one["throughput_ratio_omoe_over_adamw"] = result["adamw_step_s"] / cycle
-            one["r_step_over_adamw"] = one["r_step_s"] / result["adamw_step_s"]
+            one["throughput_ratio_omoe_over_adamw"] = one["adamw_step_s"] / cycle
+            one["r_step_over_adamw"] = one["r_step_s"] / one["adamw_step_s"]
             one["o_step_extra_s_per_layer"] = (one["o_step_s"] - one["r_step_s"]) / spec.num_layers
             one["dense_over_factor_bytes"] = one["dense_allgather_bytes_per_o_step"] / one["exchange_bytes_per_o_step"]
+        result["adamw_step_s"] = statistics.median(one["adamw_step_s"] for one in by_t.values())
         longest = by_t[str(max(args.o_steps_before))]
-        result.update({k: v for k, v in longest.items() if k != "streams"})
+        result.update({k: v for k, v in longest.items() if k not in ("streams", "adamw_step_s")})
         result["by_o_steps"] = by_t
         if shape_name == "small":  # dense weight gradients computed and discarded in O steps: what freezing saves
-            unfrozen = measure_omoe(spec, x, y, steps, micro_batch, world, 0, freeze=False)
+            unfrozen = measure_omoe(spec, x, y, steps, micro_batch, world, 0, freeze=False, paired=adamw[0])
             result["o_step_s_without_dense_freeze"] = unfrozen["o_step_s"]
             result["o_step_saved_by_dense_freeze_s"] = unfrozen["o_step_s"] - by_t[str(min(args.o_steps_before))]["o_step_s"]
+        free_engine(adamw)
         result["bench_seconds"] = time.perf_counter() - started
         report[shape_name] = result
     if dist.get_rank() == 0:
