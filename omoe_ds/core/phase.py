@@ -31,6 +31,9 @@ from .projector_state import StreamProjectors
 from .windows import InputWindow, flatten_windows, unflatten_windows_
 
 
+_ABSENT = object()
+
+
 def _refuse_recompute(name: str, module, args) -> None:
     # Activation checkpointing reruns the forward inside backward: the window would count the tokens twice.
     if module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
@@ -82,8 +85,29 @@ class OMoE:
         self._forward_handle = engine.module.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._recompute_guards = [layer.module.register_forward_pre_hook(partial(_refuse_recompute, layer.name))
                                   for layer in layers]
+        self._restore = []  # (object, attribute, what its instance dict held before the wrap, or _ABSENT)
         self._wrap_optimizer_step(self._optimizer)
         self._wrap_model_step(engine)
+
+    def detach(self) -> None:
+        """Remove every hook and wrapper OMoE put on the engine, model and optimizer (engine.destroy() calls it).
+        A parameter's tensor hooks are held from C++, where Python's collector cannot see the cycle
+        parameter → hook → OMoE → engine → parameter: without this, a destroyed engine stayed alive."""
+        for hook in self._hooks:
+            hook.remove_hooks() if hasattr(hook, "remove_hooks") else hook.remove()
+        for handle in (self._forward_handle, *self._recompute_guards):
+            handle.remove()
+        for obj, name, before in reversed(self._restore):
+            if before is _ABSENT:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, before)
+        self._hooks, self._recompute_guards, self._restore = [], [], []
+        self._thaw_dense()
+
+    def _wrap(self, obj, name: str, wrapper) -> None:
+        self._restore.append((obj, name, obj.__dict__.get(name, _ABSENT)))
+        setattr(obj, name, wrapper)
 
     # ---- phase ------------------------------------------------------------------------------
     def _records(self, module) -> bool:
@@ -203,7 +227,7 @@ class OMoE:
             with optimizer_groups.without_groups(optimizer, self._dense_tensors) as any_left:
                 return original_step(*args, **kwargs) if any_left else None
 
-        optimizer.step = step
+        self._wrap(optimizer, "step", step)
 
     def _wrap_model_step(self, engine) -> None:
         """After each applied update: close the O step (count it, thaw the dense parameters); after one
@@ -229,7 +253,7 @@ class OMoE:
                     self.deferred_o_step = None
                     self.o_steps_done += 1
 
-        engine._take_model_step = take_model_step
+        self._wrap(engine, "_take_model_step", take_model_step)
 
     # ---- inspection -------------------------------------------------------------------------
     def global_expert_id(self, L: int, l: int) -> int:

@@ -50,8 +50,10 @@ class ExpertGradProjector:
 
     def _watch_output(self, linear, inputs, output) -> None:
         if self._is_active() and torch.is_grad_enabled() and output.requires_grad:
-            x = inputs[0].detach()
-            output.register_hook(lambda delta: self._collect_side_terms(x, delta))
+            # Weakly: the graph's nodes hold this hook from C++, and a loss the caller (or the engine) keeps
+            # would otherwise keep this projector, OMoE and the whole engine out of the collector's reach.
+            x, projector_ref = inputs[0].detach(), weakref.ref(self)
+            output.register_hook(lambda delta: _collect_side_terms(projector_ref, x, delta))
 
     def _collect_side_terms(self, x: torch.Tensor, delta: torch.Tensor) -> None:
         start = time.perf_counter()
@@ -88,6 +90,12 @@ class ExpertGradProjector:
                                "being seen in this O step; run forward and backward through the engine in the same step")
         setattr(self, name, None)
         return value
+
+
+def _collect_side_terms(projector_ref, x: torch.Tensor, delta: torch.Tensor) -> None:
+    projector = projector_ref()
+    if projector is not None:
+        projector._collect_side_terms(x, delta)
 
 
 def _accumulate(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
