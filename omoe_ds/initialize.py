@@ -76,20 +76,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         check_ep_sizes(layers, collectives.world_size())
         _refuse_recomputed_layers(engine.module, layers)  # after the replacement, before any forward
     engine.omoe = OMoE(engine, layers, omoe_config) if omoe_config.enabled else None
-    if engine.omoe is not None:
-        _detach_on_destroy(engine)
     return engine, engine_optimizer, loader, scheduler
-
-
-def _detach_on_destroy(engine) -> None:
-    original = engine.destroy
-
-    def destroy(*args, **kwargs):
-        if engine.omoe is not None:
-            engine.omoe.detach()
-        return original(*args, **kwargs)
-
-    engine.destroy = destroy
 
 
 def _refuse_unchecked_layouts(model, layers, ds_config: dict, mpu, optimizer, stage: int) -> None:

@@ -88,6 +88,7 @@ class OMoE:
         self._restore = []  # (object, attribute, what its instance dict held before the wrap, or _ABSENT)
         self._wrap_optimizer_step(self._optimizer)
         self._wrap_model_step(engine)
+        self._wrap_destroy(engine)
 
     def detach(self) -> None:
         """Remove every hook and wrapper OMoE put on the engine, model and optimizer (engine.destroy() calls it).
@@ -104,6 +105,15 @@ class OMoE:
                 setattr(obj, name, before)
         self._hooks, self._recompute_guards, self._restore = [], [], []
         self._thaw_dense()
+
+    def _wrap_destroy(self, engine) -> None:
+        original = engine.destroy
+
+        def destroy(*args, **kwargs):
+            self.detach()  # restores engine.destroy too
+            return original(*args, **kwargs)
+
+        self._wrap(engine, "destroy", destroy)
 
     def _wrap(self, obj, name: str, wrapper) -> None:
         self._restore.append((obj, name, obj.__dict__.get(name, _ABSENT)))
