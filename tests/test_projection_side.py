@@ -138,10 +138,34 @@ def test_token_side_equals_gradient_side(single_process_group, monkeypatch, case
         scale = a.abs().max()
         assert (a - b).abs().max() <= tol * scale, (case, storage, tuple(p.shape), ((a - b).abs().max() / scale).item())
         assert (a - r).abs().max() > 1e-2 * scale  # the projection is not the identity: the test can fail
+    if case.startswith("native_"):  # both sides skip the capacity padding: against autograd's G times P̄, closed form
+        expected = iter(native_projected(layers, stores, raw))
+        for p, a, b in zip(params, gradient, token):
+            want = next(expected)
+            scale = want.abs().max()
+            assert (a - want).abs().max() <= tol * scale and (b - want).abs().max() <= tol * scale, (case, storage)
     if alignment_rows is not None:
         assert alignment_rows[0] > 0  # both sides saw AutoEP's zero rows, and they agree
     if empty_slots is not None:  # the token side covered filled slots plus one empty row (biased h: act(b1) ≠ 0)
         assert empty_slots[0] > 0
+
+
+def native_projected(layers, stores, raw):
+    """[G_W | g_b]·P̄_l of each native expert Linear from unprojected gradients (expert_parameters' order: per
+    local expert, per Linear, weight then bias), with P̄_l = (S − P_l) / divisor formed densely."""
+    raw, out = iter(raw), []
+    for layer, per_layer in zip(layers, stores):
+        for local, linears in enumerate(layer.local_experts):
+            for linear, stream in zip(linears, layer.matrix_streams):
+                store = per_layer[stream]
+                pbar = (store.dense_sum() - store.dense_local()[local]) / store.divisor
+                G = next(raw)
+                if linear.bias is not None:
+                    projected = torch.cat([G, next(raw)[:, None]], 1) @ pbar
+                    out += [projected[:, :-1], projected[:, -1]]
+                else:
+                    out.append(G @ pbar)
+    return out
 
 
 def test_cost_model_counts_the_weight_gradient_product_once():
@@ -186,7 +210,7 @@ def test_token_product_over_filled_slots_is_exact_for_any_gradient(bias):
     def augmented(t):
         return torch.cat([t, t.new_ones(t.shape[0], 1)], 1) if bias else t
     product = TokenProduct(lambda r: augmented(r) @ pbar, [0.0], lambda: filled)
-    LinearTokenSide(linear, lambda _: True, product)
+    LinearTokenSide(linear, lambda _: product)
     x_in = x.clone().requires_grad_()
     (linear(x_in) * delta).sum().backward()
     expected = delta.T @ (augmented(x) @ pbar)  # [out, n] = [G_W | g_b]·P̄ over every row
@@ -195,8 +219,41 @@ def test_token_product_over_filled_slots_is_exact_for_any_gradient(bias):
     if bias:
         assert torch.allclose(linear.bias.grad, expected[:, d], rtol=0, atol=1e-4)
     assert torch.allclose(x_in.grad, delta @ linear.weight.detach(), rtol=0, atol=1e-6)
+    # the padding is skipped in the forward too: every empty row's output is F.linear(r₀), each a sum of d products
+    assert torch.allclose(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias), rtol=0, atol=1e-6)
     # the product saw the filled rows and one empty row only
     product_rows = []
     counting = TokenProduct(lambda r: product_rows.append(r.shape[0]) or augmented(r) @ pbar, [0.0], lambda: filled)
     counting(x)
     assert product_rows == [int(filled.sum()) + 1]
+
+
+def test_token_side_skips_capacity_padding_in_every_gemm():
+    """With δ = 0 on the empty slots (DeepSpeed's combine weights are 0 there), the forward, the input gradient and
+    the projected weight gradient each multiply the filled rows only (+ r₀ once in the forward): counted in flops,
+    with the same output and input gradient as the plain Linear."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from omoe_ds.core.projection_hooks import LinearTokenSide, TokenProduct
+    g = torch.Generator().manual_seed(12)
+    d, out, rows, k = 8, 6, 40, 9
+    x = torch.zeros(rows, d)
+    filled = torch.zeros(rows, dtype=torch.bool)
+    filled[torch.randperm(rows, generator=g)[:k]] = True
+    x[filled] = torch.randn(k, d, generator=g)
+    delta = torch.randn(rows, out, generator=g) * filled[:, None]
+    linear = torch.nn.Linear(d, out)
+    pbar = torch.randn(d + 1, d + 1, generator=g)
+    product = TokenProduct(lambda r: torch.cat([r, r.new_ones(r.shape[0], 1)], 1) @ pbar, [0.0], lambda: filled)
+    LinearTokenSide(linear, lambda _: product)
+    x_in = x.clone().requires_grad_()
+    with FlopCounterMode(display=False) as forward:
+        y = linear(x_in)
+    with FlopCounterMode(display=False) as backward:
+        (y * delta).sum().backward()
+    plain = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    assert torch.allclose(y, plain, rtol=0, atol=1e-6)  # sums of 8 products in another order
+    assert torch.equal(x_in.grad[~filled], torch.zeros(rows - k, d))
+    assert torch.allclose(x_in.grad, delta @ linear.weight.detach(), rtol=0, atol=1e-6)
+    product_flops = 2 * (k + 1) * (d + 1) ** 2
+    assert forward.get_total_flops() == product_flops + 2 * (k + 1) * d * out
+    assert backward.get_total_flops() == 2 * k * out * d + 2 * out * k * (d + 1)  # δW and δᵀ(X̃·P̄), filled rows

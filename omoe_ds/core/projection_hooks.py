@@ -127,26 +127,49 @@ class FusedGradProjector:
 class ProjectedLinear(torch.autograd.Function):
     """y = F.linear(x, W, b); backward: δW for x, and [G_W | g_b] = δᵀ(X̃·P̄) from x_pbar = X̃·P̄ [rows, n].
     With `filled` (a bool mask over the rows), x_pbar holds the filled rows only and `empty_pbar` [n] is
-    r̃₀·P̄ of the one row every other row equals: [G_W | g_b] = δ_filledᵀ·x_pbar + (Σ_empty δ)ᵀ·empty_pbar."""
+    r̃₀·P̄ of the one row every other row equals: [G_W | g_b] = δ_filledᵀ·x_pbar + (Σ_empty δ)ᵀ·empty_pbar.
+    Capacity padding is then skipped in the forward and δW too: every empty row's output is the one row
+    F.linear(r₀), and its input gradient is 0 where its δ is 0 (DeepSpeed's combine weights are 0 there), else
+    computed. At M = 64 and 4096 tokens per rank the padding is ~2/3 of the expert rows (bench/expert_scaling.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_pbar, filled=None, empty_pbar=None):
         ctx.save_for_backward(weight, x_pbar, filled, empty_pbar)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        if filled is None:
+            return F.linear(x, weight, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = rows.new_empty(rows.shape[0], weight.shape[0])
+        out[filled] = F.linear(rows[filled], weight, bias)
+        empty = (~filled).nonzero()
+        if len(empty):
+            if empty_pbar is None:
+                raise ValueError("ProjectedLinear: rows outside `filled` need empty_pbar, r̃₀·P̄ of the row they all equal")
+            out[~filled] = F.linear(rows[int(empty[0])], weight, bias)  # every empty row is r₀ (TokenProduct checked)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, x_pbar, filled, empty_pbar = ctx.saved_tensors
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        delta = grad_out.reshape(-1, grad_out.shape[-1]).to(projector.PROJECTOR_DTYPE)
-        if filled is None:
-            projected = delta.T @ x_pbar  # [out, n]
-        else:
-            projected = delta[filled].T @ x_pbar
-            if empty_pbar is not None:
-                projected.add_(torch.outer(delta[~filled].sum(0), empty_pbar))
+        delta = grad_out.reshape(-1, grad_out.shape[-1])
         d = weight.shape[1]
+        grad_x = None
+        if filled is None:
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_out @ weight
+            projected = delta.to(projector.PROJECTOR_DTYPE).T @ x_pbar  # [out, n]
+        else:
+            delta_filled = delta[filled]
+            projected = delta_filled.to(projector.PROJECTOR_DTYPE).T @ x_pbar
+            delta_empty = delta[~filled] if empty_pbar is not None else None  # None: every row is filled
+            if delta_empty is not None:
+                projected.add_(torch.outer(delta_empty.to(projector.PROJECTOR_DTYPE).sum(0), empty_pbar))
+            if ctx.needs_input_grad[0]:
+                grad_x = delta.new_zeros(delta.shape[0], d)
+                grad_x[filled] = delta_filled @ weight
+                if delta_empty is not None and bool(delta_empty.any()):
+                    grad_x[~filled] = delta_empty @ weight
+                grad_x = grad_x.view(*grad_out.shape[:-1], d)
         grad_b = projected[:, d].to(weight.dtype) if ctx.has_bias else None
         return grad_x, projected[:, :d].to(weight.dtype), grad_b, None, None, None
 
@@ -195,17 +218,19 @@ class TokenProduct:
 
 
 class LinearTokenSide:
-    """Replaces an expert nn.Linear's forward (on the instance) by ProjectedLinear while `uses_token_side(x)`;
-    otherwise the class's own forward runs, so outputs and gradients keep their bits."""
+    """Replaces an expert nn.Linear's forward (on the instance) by ProjectedLinear over the rows `rows_for(x)`
+    gives (a TokenProduct) where it gives one; otherwise the class's own forward runs, so outputs and gradients
+    keep their bits."""
 
-    def __init__(self, linear: nn.Linear, uses_token_side: Callable[[torch.Tensor], bool], product: TokenProduct):
-        self.linear, self._uses_token_side, self._product = linear, uses_token_side, product
+    def __init__(self, linear: nn.Linear, rows_for: Callable[[torch.Tensor], Optional[TokenProduct]]):
+        self.linear, self._rows_for = linear, rows_for
         linear.forward = self._forward
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
-        if torch.is_grad_enabled() and linear.weight.requires_grad and self._uses_token_side(x):
-            return self._product(x).apply(x, linear.weight, linear.bias)
+        product = self._rows_for(x) if torch.is_grad_enabled() and linear.weight.requires_grad else None
+        if product is not None:
+            return product(x).apply(x, linear.weight, linear.bias)
         return type(linear).forward(linear, x)
 
     def remove_hooks(self) -> None:

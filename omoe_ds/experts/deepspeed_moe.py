@@ -17,6 +17,10 @@ Recording, with no collective:
   stay 0 on this rank.
   Caveat (measure zero): a real token whose hidden state is exactly the zero vector is counted in the
   x stream but taken for an empty slot in the h stream; each mean uses its own count.
+
+In O steps each expert Linear runs on its filled slots only (core/projection_hooks.py ProjectedLinear), on
+either projection side: forward, δW and the weight gradient skip the padding, which DeepSpeed's
+drop_tokens=False makes up to ~2/3 of the expert rows at 64 experts. R steps run DeepSpeed's own forward.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from deepspeed.moe.layer import MoE
 
 from ..core import collectives
 from ..core.config import OMoEConfigError
+from ..core.projector import PROJECTOR_DTYPE
 from ..core.projection_hooks import ExpertGradProjector, LinearTokenSide, TokenProduct
 from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
 
@@ -98,25 +103,40 @@ class DeepSpeedMoELayer(ExpertLayer):
         out_features = [sum(linear.out_features for linear, s in zip(self.linears[0], self.matrix_streams) if s == stream)
                         for stream in (X, H)]
         slots = _FilledSlots(self.module.deepspeed_moe.experts, is_active)
+        augmented = [_augmented_rows(stream.has_bias) for stream in self.streams]
+        unprojected_timer = [0.0]  # X̃ of the filled rows is a copy, not projection time
 
-        def uses_token_side(x, s):  # the token side pays for the filled slots, not for the capacity
-            return is_active() and view.choose(s, slots.total(), out_features[s]) == "token"
+        def rows_for(s, products):  # in an O step either side runs on the filled slots: the padding is skipped
+            if not is_active():
+                return None
+            side = view.choose(s, slots.total(), out_features[s])  # the token side pays for filled slots only
+            return products["token" if side == "token" else "gradient"][s]
 
         hooks = [slots]
         for local, per_expert in enumerate(self.linears):
-            products = {s: TokenProduct(lambda rows, s=s, l=local: view.token_product(s, l, rows), timer,
-                                        lambda l=local: slots.of(l))
-                        for s in set(self.matrix_streams)}
+            mask = lambda l=local: slots.of(l)  # noqa: E731
+            products = {"token": {s: TokenProduct(lambda rows, s=s, l=local: view.token_product(s, l, rows), timer, mask)
+                                  for s in set(self.matrix_streams)},
+                        # the gradient side: G = δᵀX̃ over the filled slots, projected by ExpertGradProjector's hooks
+                        "gradient": {s: TokenProduct(augmented[s], unprojected_timer, mask) for s in set(self.matrix_streams)}}
             for linear, stream in zip(per_expert, self.matrix_streams):
                 hooks.append(ExpertGradProjector(
                     linear, lambda G, d, s=stream, l=local: view.weight_product(s, l, G, d),
                     lambda s=stream, l=local: view.bias_column(s, l), lambda s=stream, l=local: view.bias_corner(s, l),
                     lambda s=stream: is_active() and view.side(s) != "token", timer))
-                hooks.append(LinearTokenSide(linear, lambda x, s=stream: uses_token_side(x, s), products[stream]))
+                hooks.append(LinearTokenSide(linear, lambda x, s=stream, p=products: rows_for(s, p)))
         return hooks
 
     def attach_recorder(self, context: RecordContext) -> list:
         return [_NativeRecorder(self, context)]
+
+
+def _augmented_rows(has_bias: bool):
+    """rows → X̃ = [rows | 1] (or rows) in the projectors' dtype: δᵀX̃ is then [G_W | g_b], unprojected."""
+    def augment(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(PROJECTOR_DTYPE)
+        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1) if has_bias else rows.clone()
+    return augment
 
 
 class _FilledSlots:
