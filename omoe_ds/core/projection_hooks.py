@@ -130,7 +130,7 @@ class ProjectedLinear(torch.autograd.Function):
     r̃₀·P̄ of the one row every other row equals: [G_W | g_b] = δ_filledᵀ·x_pbar + (Σ_empty δ)ᵀ·empty_pbar.
     Capacity padding is then skipped in the forward and δW too: every empty row's output is the one row
     F.linear(r₀), and its input gradient is 0 where its δ is 0 (DeepSpeed's combine weights are 0 there), else
-    computed. At M = 64 and 4096 tokens per rank the padding is ~2/3 of the expert rows (bench/expert_scaling.py)."""
+    computed. At M = 64 and 4096 tokens per rank the padding is ~3/4 of the expert rows (bench/expert_scaling.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_pbar, filled=None, empty_pbar=None):

@@ -20,7 +20,7 @@ Recording, with no collective:
 
 In O steps each expert Linear runs on its filled slots only (core/projection_hooks.py ProjectedLinear), on
 either projection side: forward, δW and the weight gradient skip the padding, which DeepSpeed's
-drop_tokens=False makes up to ~2/3 of the expert rows at 64 experts. R steps run DeepSpeed's own forward.
+drop_tokens=False makes ~3/4 of the expert rows at 64 experts. R steps run DeepSpeed's own forward.
 """
 from __future__ import annotations
 
