@@ -144,7 +144,8 @@ class ProjectedLinear(torch.autograd.Function):
         empty = (~filled).nonzero()
         if len(empty):
             if empty_pbar is None:
-                raise ValueError("ProjectedLinear: rows outside `filled` need empty_pbar, r̃₀·P̄ of the row they all equal")
+                raise ValueError("ProjectedLinear: rows outside `filled` need empty_pbar, r̃₀·P̄ of the row they "
+                                 "all equal")
             out[~filled] = F.linear(rows[int(empty[0])], weight, bias)  # every empty row is r₀ (TokenProduct checked)
         return out.view(*x.shape[:-1], weight.shape[0])
 

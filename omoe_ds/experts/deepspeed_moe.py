@@ -115,10 +115,11 @@ class DeepSpeedMoELayer(ExpertLayer):
         hooks = [slots]
         for local, per_expert in enumerate(self.linears):
             mask = lambda l=local: slots.of(l)  # noqa: E731
-            products = {"token": {s: TokenProduct(lambda rows, s=s, l=local: view.token_product(s, l, rows), timer, mask)
-                                  for s in set(self.matrix_streams)},
+            streams = set(self.matrix_streams)
+            products = {"token": {s: TokenProduct(lambda rows, s=s, l=local: view.token_product(s, l, rows), timer,
+                                                  mask) for s in streams},
                         # the gradient side: G = δᵀX̃ over the filled slots, projected by ExpertGradProjector's hooks
-                        "gradient": {s: TokenProduct(augmented[s], unprojected_timer, mask) for s in set(self.matrix_streams)}}
+                        "gradient": {s: TokenProduct(augmented[s], unprojected_timer, mask) for s in streams}}
             for linear, stream in zip(per_expert, self.matrix_streams):
                 hooks.append(ExpertGradProjector(
                     linear, lambda G, d, s=stream, l=local: view.weight_product(s, l, G, d),
