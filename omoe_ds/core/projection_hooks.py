@@ -141,12 +141,13 @@ class ProjectedLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         out = rows.new_empty(rows.shape[0], weight.shape[0])
         out[filled] = F.linear(rows[filled], weight, bias)
-        empty = (~filled).nonzero()
-        if len(empty):
+        empty = ~filled
+        if bool(empty.any()):
             if empty_pbar is None:
                 raise ValueError("ProjectedLinear: rows outside `filled` need empty_pbar, r̃₀·P̄ of the row they "
                                  "all equal")
-            out[~filled] = F.linear(rows[int(empty[0])], weight, bias)  # every empty row is r₀ (TokenProduct checked)
+            # every empty row is r₀ (TokenProduct checked): one row's output stands for all of them
+            out[empty] = F.linear(rows[int(empty.nonzero()[0])], weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod

@@ -34,6 +34,12 @@ def augmented_mean(input_sum: torch.Tensor, count: torch.Tensor | float, has_bia
     return mean
 
 
+def augmented_rows(X: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """Rows X [rows, d_in] as X̃ = [X | 1] (or X) in the projectors' dtype: δᵀX̃ is [G_W | g_b]."""
+    X = X.to(PROJECTOR_DTYPE)
+    return torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1) if has_bias else X
+
+
 def rls_factor(P_nn: torch.Tensor, x_n: torch.Tensor, alpha: float) -> torch.Tensor:
     """The rank-1 factor u of one RLS step: P_new = P − u uᵀ (eq. 13).
 

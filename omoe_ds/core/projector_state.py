@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .projector import PROJECTOR_DTYPE
+from .projector import PROJECTOR_DTYPE, augmented_rows
 
 STORAGES = ("auto", "factored", "hybrid", "dense")
 FORMS = STORAGES[1:]
@@ -182,10 +182,7 @@ class StreamProjectors:
     def token_product(self, X: torch.Tensor, local: int) -> torch.Tensor:
         """X̃·P̄_l [rows, n] fp32 for rows X [rows, d_in] of local expert l, X̃ = [X | 1] where the stream has a
         bias (d_in = n − 1): the token side of the projection, δᵀ(X̃·P̄) = [G_W | g_b]·P̄ (P̄ is symmetric)."""
-        X = X.to(PROJECTOR_DTYPE)
-        if X.shape[-1] == self.n - 1:
-            X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
-        return self.weight_product(X, local, self.n)
+        return self.weight_product(augmented_rows(X, X.shape[-1] == self.n - 1), local, self.n)
 
     def row_cost(self) -> int:
         """Multiply-adds of one row times P̄: n² dense; factored, (row·V_{-l})·V_{-l}ᵀ over the other experts'

@@ -24,6 +24,7 @@ drop_tokens=False makes ~3/4 of the expert rows at 64 experts. R steps run DeepS
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -32,7 +33,7 @@ from deepspeed.moe.layer import MoE
 
 from ..core import collectives
 from ..core.config import OMoEConfigError
-from ..core.projector import PROJECTOR_DTYPE
+from ..core.projector import augmented_rows
 from ..core.projection_hooks import ExpertGradProjector, LinearTokenSide, TokenProduct
 from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
 
@@ -103,7 +104,7 @@ class DeepSpeedMoELayer(ExpertLayer):
         out_features = [sum(linear.out_features for linear, s in zip(self.linears[0], self.matrix_streams) if s == stream)
                         for stream in (X, H)]
         slots = _FilledSlots(self.module.deepspeed_moe.experts, is_active)
-        augmented = [_augmented_rows(stream.has_bias) for stream in self.streams]
+        augmented = [partial(augmented_rows, has_bias=stream.has_bias) for stream in self.streams]
         unprojected_timer = [0.0]  # X̃ of the filled rows is a copy, not projection time
 
         def rows_for(s, products):  # in an O step either side runs on the filled slots: the padding is skipped
@@ -130,14 +131,6 @@ class DeepSpeedMoELayer(ExpertLayer):
 
     def attach_recorder(self, context: RecordContext) -> list:
         return [_NativeRecorder(self, context)]
-
-
-def _augmented_rows(has_bias: bool):
-    """rows → X̃ = [rows | 1] (or rows) in the projectors' dtype: δᵀX̃ is then [G_W | g_b], unprojected."""
-    def augment(rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.to(PROJECTOR_DTYPE)
-        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1) if has_bias else rows.clone()
-    return augment
 
 
 class _FilledSlots:
