@@ -301,3 +301,21 @@ def test_window_saved_in_the_old_layout_loads_into_its_experts_rows():
         window_partials({"layout": "v9"}, M, "omoe_rank1.pt")
     with pytest.raises(CheckpointError, match=r"do not fit 8 experts"):
         window_partials(new, 8, "omoe_rank1.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonzero_rows_is_any_nonzero_entry(dtype):
+    """The filled-slot test equals (x != 0).any(-1) on every kind of row: zeros, −0.0, one nonzero entry of
+    either sign, NaN, and a block with no rows (an expert that received nothing)."""
+    from omoe_ds.experts.base import nonzero_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, generator=g).to(dtype)
+    x[0, :3] = 0
+    x[1, 0] = -0.0
+    x[1, 1] = 0
+    x[1, 1, 2] = -1e-30 if dtype == torch.float32 else -1e-3
+    x[2, 4] = 0
+    x[2, 4, 4] = float("nan")
+    assert torch.equal(nonzero_rows(x), (x != 0).any(-1))
+    assert nonzero_rows(x)[0, :3].sum() == 0 and bool(nonzero_rows(x)[1, 1])
+    assert nonzero_rows(torch.zeros(0, 5, dtype=dtype)).shape == (0,)

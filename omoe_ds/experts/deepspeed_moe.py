@@ -5,18 +5,15 @@ SwiGLU experts hold three nn.Linear named gate, up, down (or gate_proj, up_proj,
 h = act(gate·x) ⊙ (up·x) enters down. DeepSpeed shards the experts over an EP group; this rank's
 local expert l is global expert ep_rank·E_local + l.
 
-Recording, with no collective:
-- x is summed on the *sending* side: the gate hook sees the gate's input tokens and their routes
-  (global expert per route, −1 where dropped or masked, so padding is never counted) and adds each
-  routed token to its global expert's row, local or not.
-- h exists only where the expert runs. DeepSpeed fills each source rank's block of C capacity slots
-  from slot 0 and pads it with exact zero rows (`_sparse_encode`), so the receiving rank finds its
-  filled slots itself: a slot is filled iff the experts' input row is nonzero. A pre-hook on the experts
-  module takes every local expert's mask at once; each down Linear's pre-hook sums its filled rows of h,
-  and after the layer the sums and counts go to the local experts' global rows; other experts' rows
-  stay 0 on this rank.
-  Caveat (measure zero): a real token whose hidden state is exactly the zero vector is counted in the
-  x stream but taken for an empty slot in the h stream; each mean uses its own count.
+Recording, with no collective, where the experts run: DeepSpeed dispatches exact copies of the routed
+tokens into each source rank's block of C capacity slots, filled from slot 0 and padded with exact zero
+rows (`_sparse_encode`), so a slot is filled iff the experts' input row is nonzero (dropped and masked
+routes are never dispatched, so padding is never counted). A pre-hook on the experts module takes every
+local expert's mask and Σx at once (the zero rows add nothing); each down Linear's pre-hook sums its filled
+rows of h, and after the layer the sums and counts go to the local experts' global rows; other experts'
+rows stay 0 on this rank.
+Caveat (measure zero): a real token whose input (or hidden state) is exactly the zero vector is taken for
+an empty slot; it would have added nothing to the sum, only to the count.
 
 In O steps each expert Linear runs on its filled slots only (core/projection_hooks.py ProjectedLinear), on
 either projection side: forward, δW and the weight gradient skip the padding, which DeepSpeed's
@@ -35,7 +32,7 @@ from ..core import collectives
 from ..core.config import OMoEConfigError
 from ..core.projector import augmented_rows
 from ..core.projection_hooks import ExpertGradProjector, LinearTokenSide, TokenProduct
-from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
+from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream, nonzero_rows
 
 FFN_NAMES = ("w1", "w2")
 SWIGLU_NAMES = ("gate", "up", "down")
@@ -145,7 +142,7 @@ class _FilledSlots:
 
     def _find(self, experts, inputs) -> None:
         active = self._is_active() and torch.is_grad_enabled()
-        self._masks = (inputs[0].detach() != 0).any(-1) if active else None  # [ep_size, E_local, C]
+        self._masks = nonzero_rows(inputs[0].detach()) if active else None  # [ep_size, E_local, C]
 
     def of(self, local: int) -> Optional[torch.Tensor]:
         """Local expert `local`'s mask over its input rows ([ep_size, 1, C] flattened), or None."""
@@ -159,18 +156,17 @@ class _FilledSlots:
 
 
 class _NativeRecorder:
-    """R-step recording with a few ops per layer, whatever E_local is: the filled-slot masks of every local expert
-    come from one test on the experts' input, each expert's Σh is one matrix-vector product into a staging row,
-    and the rows reach the window once, after the layer."""
+    """R-step recording with a few ops per layer, whatever E_local is: the filled-slot masks and Σx of every local
+    expert come from the experts' input at once, each expert's Σh is one matrix-vector product into a staging row,
+    and the rows reach the window once, after the layer. The gate is not hooked: tokens are summed where they arrive."""
 
     def __init__(self, layer: DeepSpeedMoELayer, context: RecordContext):
         self.layer, self.context = layer, context
         self.first_global = collectives.ep_rank(layer.ep_size) * layer.num_local_experts
-        self._in_dispatch = False
         self._masks: Optional[torch.Tensor] = None  # [E_local, ep_size·C] float 0/1: filled slots
+        self._input_sums: Optional[torch.Tensor] = None  # [E_local, d]
         self._hidden_sums: Dict[int, torch.Tensor] = {}
-        self._handles = [layer.gate.register_forward_hook(self._after_gate),
-                         layer.module.deepspeed_moe.experts.register_forward_pre_hook(self._find_filled_slots),
+        self._handles = [layer.module.deepspeed_moe.experts.register_forward_pre_hook(self._before_experts),
                          layer.module.register_forward_hook(self._after_layer)]
         for local, per_expert in enumerate(layer.linears):
             self._handles.append(per_expert[-1].register_forward_pre_hook(self._make_hidden_hook(local)))
@@ -179,21 +175,12 @@ class _NativeRecorder:
         for handle in self._handles:
             handle.remove()
 
-    def _after_gate(self, gate, inputs, output) -> None:
-        self._in_dispatch = self.context.should_capture(gate)
-        if not self._in_dispatch:
-            return
-        x = inputs[0].detach()  # [S, d], the tokens the MoE layer dispatches (gate logits use a jittered copy)
-        indices = output[3].to(torch.int64)  # [k, S] global expert per route, −1 where dropped or masked
-        experts = torch.arange(self.layer.num_experts, device=indices.device)
-        routed = (indices.unsqueeze(-1) == experts).any(0)  # [S, M]; the k routes name distinct experts
-        self.context.window.add_routed(X, routed, x)
-
-    def _find_filled_slots(self, experts, inputs) -> None:
-        if not self._in_dispatch or not self.context.should_capture(experts):
+    def _before_experts(self, experts, inputs) -> None:
+        if not self.context.should_capture(experts):
             return
         x = inputs[0].detach()  # [ep_size, E_local, C, d]: per source rank, each local expert's C slots
-        self._masks = (x != 0).any(-1).transpose(0, 1).reshape(self.layer.num_local_experts, -1).float()
+        self._masks = nonzero_rows(x).transpose(0, 1).reshape(self.layer.num_local_experts, -1).float()
+        self._input_sums = x.sum((0, 2), dtype=torch.float32)
 
     def _make_hidden_hook(self, local: int):
         def record_hidden(linear, inputs):
@@ -205,16 +192,18 @@ class _NativeRecorder:
 
     def _after_layer(self, moe, inputs, output) -> None:
         # The masks describe this dispatch only; an expert Linear called outside it records nothing.
-        masks, sums = self._masks, self._hidden_sums
-        self._in_dispatch, self._masks, self._hidden_sums = False, None, {}
-        if masks is None or not sums:
+        masks, input_sums, sums = self._masks, self._input_sums, self._hidden_sums
+        self._masks, self._input_sums, self._hidden_sums = None, None, {}
+        if masks is None:
             return
+        counts = masks.sum(1)
+        window = self.context.window
+        window.add_experts(X, self.first_global, input_sums, counts)
         if len(sums) == masks.shape[0]:
-            self.context.window.add_experts(H, self.first_global, torch.stack([sums[l] for l in range(len(sums))]),
-                                            masks.sum(1))
+            window.add_experts(H, self.first_global, torch.stack([sums[l] for l in range(len(sums))]), counts)
             return
-        for local, row_sum in sums.items():  # an expert not called in this dispatch records nothing
-            self.context.window.add_expert(H, self.first_global + local, row_sum, masks[local].sum())
+        for local, row_sum in sums.items():  # an expert not called in this dispatch records no h
+            window.add_expert(H, self.first_global + local, row_sum, counts[local])
 
 
 def _expert_linears(expert: nn.Module, where: str) -> Tuple[List[nn.Linear], bool]:
