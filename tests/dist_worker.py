@@ -329,9 +329,17 @@ def clipping_norm_counts_experts(out, name, stage, bf16, optimizer=None):
     config["gradient_clipping"] = 1e-3
     engine, *_ = omoe_ds.initialize(model=model, optimizer=None if optimizer else BASES["adamw"], config=config)
     expert_params = list(expert_parameters_by_global_id(engine.omoe.layers).values())
-    seen = {}
-    for k, p in enumerate(expert_params):  # registered after OMoE's hooks: they see the projected gradient
-        p.register_hook(lambda g, k=k: seen.__setitem__(k, g.detach().float().clone()))
+    seen, handles = {}, []
+
+    def watch_gradients(module, args):
+        # OMoE attaches its projection hooks in its own forward pre-hook, registered before this one: hooks
+        # registered here run after them, so they see the projected gradient
+        for handle in handles:
+            handle.remove()
+        handles[:] = [p.register_hook(lambda g, k=k: seen.__setitem__(k, g.detach().float().clone()))
+                      for k, p in enumerate(expert_params)]
+
+    engine.module.register_forward_pre_hook(watch_gradients)
     norms = {}
     for step in range(6):
         seen.clear()

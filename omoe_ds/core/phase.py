@@ -29,9 +29,7 @@ from .config import OMoEConfig, OMoEConfigError
 from .projection_side import LayerProjection, side_report
 from .projector_state import StreamProjectors
 from .windows import InputWindow, flatten_windows, unflatten_windows_
-
-
-_ABSENT = object()
+from .wrapping import wrap_instance_method
 
 
 def _refuse_recompute(name: str, module, args) -> None:
@@ -66,10 +64,11 @@ class OMoE:
         # "auto" | "gradient" | "token", from the config; tests and benches may set it between O steps.
         self.projection_side = config.projection_side
         self.views = [LayerProjection(partial(self._stores_of, L), lambda: self.projection_side) for L in range(len(layers))]
-        self._hooks = []
-        for L, layer in enumerate(layers):
-            self._hooks += layer.attach_projection(self.views[L], self._is_o_step, self.projection_seconds)
-            self._hooks += layer.attach_recorder(RecordContext(self._records, self._token_mask, self.windows[L]))
+        self._recorders = [hook for L, layer in enumerate(layers)
+                           for hook in layer.attach_recorder(RecordContext(self._records, self._token_mask, self.windows[L]))]
+        # The projection's hooks exist during O steps only (attached at the step's first forward, removed after its
+        # update): R steps carry the recorder's hooks alone (~2% of a small-shape step, bench/step_overhead.py).
+        self._projection_hooks: list = []
         self.deferred_o_step = None      # an O step whose update fp16 overflow skipped: it runs next
         # Not a config key: bench/step_overhead.py turns it off to measure what freezing saves.
         self.freeze_dense_in_o_steps = True
@@ -85,7 +84,7 @@ class OMoE:
         self._forward_handle = engine.module.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._recompute_guards = [layer.module.register_forward_pre_hook(partial(_refuse_recompute, layer.name))
                                   for layer in layers]
-        self._restore = []  # (object, attribute, what its instance dict held before the wrap, or _ABSENT)
+        self._restore = []  # undo each wrapper, last first
         self._wrap_optimizer_step(self._optimizer)
         self._wrap_model_step(engine)
         self._wrap_destroy(engine)
@@ -94,16 +93,13 @@ class OMoE:
         """Remove every hook and wrapper OMoE put on the engine, model and optimizer (engine.destroy() calls it).
         A parameter's tensor hooks are held from C++, where Python's collector cannot see the cycle
         parameter → hook → OMoE → engine → parameter: without this, a destroyed engine stayed alive."""
-        for hook in self._hooks:
-            hook.remove_hooks() if hasattr(hook, "remove_hooks") else hook.remove()
+        self._remove_projection_hooks()
+        _remove(self._recorders)
         for handle in (self._forward_handle, *self._recompute_guards):
             handle.remove()
-        for obj, name, before in reversed(self._restore):
-            if before is _ABSENT:
-                obj.__dict__.pop(name, None)
-            else:
-                setattr(obj, name, before)
-        self._hooks, self._recompute_guards, self._restore = [], [], []
+        for restore in reversed(self._restore):
+            restore()
+        self._recorders, self._recompute_guards, self._restore = [], [], []
         self._thaw_dense()
 
     def _wrap_destroy(self, engine) -> None:
@@ -116,8 +112,7 @@ class OMoE:
         self._wrap(engine, "destroy", destroy)
 
     def _wrap(self, obj, name: str, wrapper) -> None:
-        self._restore.append((obj, name, obj.__dict__.get(name, _ABSENT)))
-        setattr(obj, name, wrapper)
+        self._restore.append(wrap_instance_method(obj, name, wrapper))
 
     # ---- phase ------------------------------------------------------------------------------
     def _records(self, module) -> bool:
@@ -150,11 +145,22 @@ class OMoE:
             if self.deferred_o_step is None and self.prepared_step != step:
                 self.update_projectors(step)
             self.phase = "O"
+            self._attach_projection_hooks()
             if self.freeze_dense_in_o_steps:
                 self._freeze_dense()
         else:
             self.phase = "R"
             self._thaw_dense()
+
+    def _attach_projection_hooks(self) -> None:
+        if not self._projection_hooks:  # once per O step, whatever its micro-batches
+            self._projection_hooks = [hook for L, layer in enumerate(self.layers)
+                                      for hook in layer.attach_projection(self.views[L], self._is_o_step,
+                                                                          self.projection_seconds)]
+
+    def _remove_projection_hooks(self) -> None:
+        _remove(reversed(self._projection_hooks))  # last attached first: instance wrappers restore what they found
+        self._projection_hooks = []
 
     def _forget_zero3_trace(self) -> None:
         """Every forward under ZeRO-3 runs without DeepSpeed's parameter trace (fetch on demand, no prefetch). The
@@ -211,7 +217,7 @@ class OMoE:
             g = self.global_expert_id(L, l)
             parts = []
             for s, stream in enumerate(layer.streams):
-                # x's mean uses the x count, h's the h count: equal but for an all-zero token (experts/deepspeed_moe).
+                # each stream's mean uses its own count: a layout may count x where it routes, h where experts run
                 count = float(window.counts[s][g])
                 if count > 0:
                     x_mean = projector.augmented_mean(window.sums[s][g], count, stream.has_bias)
@@ -252,6 +258,7 @@ class OMoE:
                 return original(*args, **kwargs)
             finally:
                 self._thaw_dense()
+                self._remove_projection_hooks()
                 for per_layer in self.projectors:
                     for store in per_layer:
                         store.release_o_step()
@@ -299,6 +306,11 @@ class OMoE:
         """Per layer and stream: the projection side of the current (or last) O step, its token rows and both
         sides' multiply-adds (core/projection_side.py)."""
         return side_report(self.views, STREAMS)
+
+
+def _remove(hooks) -> None:
+    for hook in hooks:
+        hook.remove_hooks() if hasattr(hook, "remove_hooks") else hook.remove()
 
 
 def _positional_index(module, name: str) -> Optional[int]:

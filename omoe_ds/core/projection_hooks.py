@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import projector
+from .wrapping import wrap_instance_method
 
 
 class ExpertGradProjector:
@@ -226,7 +227,7 @@ class LinearTokenSide:
 
     def __init__(self, linear: nn.Linear, rows_for: Callable[[torch.Tensor], Optional[TokenProduct]]):
         self.linear, self._rows_for = linear, rows_for
-        linear.forward = self._forward
+        self._restore = wrap_instance_method(linear, "forward", self._forward)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
@@ -236,4 +237,5 @@ class LinearTokenSide:
         return type(linear).forward(linear, x)
 
     def remove_hooks(self) -> None:
-        self.linear.__dict__.pop("forward", None)
+        self._restore()
+

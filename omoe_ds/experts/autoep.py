@@ -37,7 +37,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.config import OMoEConfigError
 from ..core.projection_hooks import FusedGradProjector
-from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
+from ..core.wrapping import wrap_instance_method
+from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream, nonzero_rows
 from .fused_token_side import FusedTokenSide
 
 SWIGLU_NAMES = ("gate", "up", "down")
@@ -122,7 +123,7 @@ class _AutoEPRecorder:
                 return forward(x, num_tokens_per_expert, *args, **kwargs)
             counts = [int(c) for c in num_tokens_per_expert.tolist()]
             xs = torch.split(x.detach()[:sum(counts)], counts)
-            self._chunks = [(rows != 0).any(-1) for rows in xs]
+            self._chunks = [nonzero_rows(rows) for rows in xs]
             for local, (rows, filled) in enumerate(zip(xs, self._chunks)):
                 self._add(X, local, rows[filled])
             try:
@@ -131,11 +132,11 @@ class _AutoEPRecorder:
             finally:
                 self._chunks = None
 
-        self.experts.forward = recording_forward
+        self._restore = wrap_instance_method(self.experts, "forward", recording_forward)
 
     def remove_hooks(self) -> None:
         self._handle.remove()
-        self.experts.__dict__.pop("forward", None)
+        self._restore()
 
     def _mask_padding(self, module, args):
         if not self.context.should_capture(module) or not args:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.projection_hooks import ProjectedLinear
+from ..core.wrapping import wrap_instance_method
 from ..core.projector import PROJECTOR_DTYPE
 from .base import ProjectorView
 
@@ -210,7 +211,7 @@ class FusedTokenSide:
                                    "\"gradient\" for this model")
             return out
 
-        module.forward = token_side_forward
+        self._restore = wrap_instance_method(module, "forward", token_side_forward)
 
     def remove_hooks(self) -> None:
-        self.module.__dict__.pop("forward", None)
+        self._restore()

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.config import OMoEConfigError
 from ..core.projection_hooks import FusedGradProjector
+from ..core.wrapping import wrap_instance_method
 from .base import H, X, ExpertLayer, ProjectorView, RecordContext, Stream
 from .fused_token_side import FusedTokenSide
 
@@ -127,12 +128,12 @@ class _FusedRecorder:
                 self._record_h_rows(h.detach())
             return h
 
-        self.module.forward = recording_forward
-        self.module._apply_gate = recording_apply_gate
+        self._restore = [wrap_instance_method(self.module, "forward", recording_forward),
+                         wrap_instance_method(self.module, "_apply_gate", recording_apply_gate)]
 
     def remove_hooks(self) -> None:
-        for attr in ("forward", "_apply_gate"):
-            self.module.__dict__.pop(attr, None)
+        for restore in reversed(self._restore):
+            restore()
 
     def _record_x(self, x: torch.Tensor, top_k_index: torch.Tensor, used: Optional[torch.Tensor]) -> None:
         M = self.layer.num_experts
