@@ -14,8 +14,11 @@ Each shape runs AdamW, then OMoE with the projector state of a fresh run (t = 0 
 one (t = 200, by default): the long state is built before timing by 200 RLS updates from random window
 means, the updates a run would have made. The top-level OMoE keys are the longest state's; `by_o_steps`
 holds each. Step times are medians of barrier-to-barrier wall time per optimizer step; the AdamW engine
-stays alive and takes its step on the same batch just before each OMoE step, so the two are compared seconds
-apart (run one after the other, their medians moved by ±10–20% against each other on this shared machine). Exchange bytes
+stays alive and takes its step on the same batch in turn with each OMoE step (who goes first rotates), so the
+two are compared seconds apart (run one after the other, their medians moved by ±10–20% against each other on
+this shared machine). At the small shape a second AdamW engine takes its turn too, as a control: two engines
+built alike read ~3% apart here (`adamw_control_over_adamw_paired_median`), which bounds what the R-step ratio
+can resolve at that shape. Exchange bytes
 come from DeepSpeed's comms logger (what each rank's collectives sent); the dense figure is what each rank
 would send to all-gather its local experts' dense projectors instead. Each OMoE engine is destroyed before
 the next is built, and DeepSpeed's /dev/shm all-reduce buffers of the launch are removed after it.
@@ -43,6 +46,7 @@ SHAPES = {
     "bert_base": dict(d_in=32, d_model=768, d_ff=3072, num_layers=12, num_experts=4, seq_len=16, steps=11, micro_batch=8),
 }
 DEFAULT_SHAPES = ["small", "minilm_realistic", "bert_base_realistic"]
+CONTROL_SHAPES = {"small"}  # shapes that also time a second AdamW engine against the first
 SKIP_STEP = 5
 
 
@@ -93,10 +97,11 @@ def preapply_o_steps(omoe, o_steps: int, seed: int = 0) -> None:
             omoe.o_steps_done = o_steps
 
 
-def time_steps(engine, x, y, steps, micro_batch, world, enabled, paired=None):
-    """Wall time of each optimizer step, its kind, and the O steps' exchange and projection seconds. With
-    `paired` (the AdamW engine), it takes a timed step on the same batch before each of `engine`'s, so a
-    drift in the machine's speed falls on both alike; its times come back last."""
+def time_steps(engine, x, y, steps, micro_batch, world, enabled, paired=()):
+    """Wall time of each optimizer step, its kind, and the O steps' exchange and projection seconds. Each engine
+    in `paired` (AdamW, and at the small shape a second AdamW as a control) takes a timed step on the same batch
+    in turn with `engine`'s, in an order that rotates every step, so a drift in the machine's speed and the cost
+    of stepping first or second fall on all alike; their times come back per engine."""
     import deepspeed.comm as dist
     from omoe_ds.finetune.small_job import micro_batches
 
@@ -108,22 +113,28 @@ def time_steps(engine, x, y, steps, micro_batch, world, enabled, paired=None):
         dist.barrier()
         return time.perf_counter() - start
 
-    times, kinds, exchange_s, projection_s, paired_times = [], [], [], [], []
+    times, kinds, exchange_s, projection_s = [], [], [], []
+    paired_times = [[] for _ in paired]
     for step in range(steps):
         xb, yb = next(micro_batches(x, y, step, micro_batch * world, 1))
-        if paired is not None:
-            paired_times.append(timed_step(paired, xb, yb))
-        if enabled:
-            engine.omoe.projection_seconds[0] = 0.0
-        times.append(timed_step(engine, xb, yb))
-        is_o = enabled and engine.omoe.config.is_o_step(step)
-        kinds.append("O" if is_o else "R")
-        if is_o:
-            exchange_s.append(engine.omoe.exchange_seconds)
-            projection_s.append(engine.omoe.projection_seconds[0])
+        turn = [-1, *range(len(paired))]  # -1: the measured engine
+        for who in turn[step % len(turn):] + turn[:step % len(turn)]:
+            if who >= 0:
+                paired_times[who].append(timed_step(paired[who], xb, yb))
+                continue
+            if enabled:
+                engine.omoe.projection_seconds[0] = 0.0
+            times.append(timed_step(engine, xb, yb))
+            is_o = enabled and engine.omoe.config.is_o_step(step)
+            kinds.append("O" if is_o else "R")
+            if is_o:
+                exchange_s.append(engine.omoe.exchange_seconds)
+                projection_s.append(engine.omoe.projection_seconds[0])
     timed = list(zip(times, kinds))[1:]  # step 0 pays one-off allocation costs
+    paired_times = [each[1:] for each in paired_times]
+    r_over_first = [t / a for (t, k), a in zip(timed, paired_times[0]) if k == "R"] if paired else []
     return ([t for t, k in timed if k == "R"], [t for t, k in timed if k == "O"], exchange_s, projection_s,
-            paired_times[1:], [t / a for (t, k), a in zip(timed, paired_times[1:]) if k == "R"])
+            paired_times, r_over_first)
 
 
 def build_engine(spec, micro_batch, omoe_config):
@@ -156,9 +167,10 @@ def stream_report(engine):
             for r in engine.omoe.storage_report()]
 
 
-def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_extra=None, freeze=True, paired=None):
+def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_extra=None, freeze=True, paired=()):
     """OMoE's step times and bytes with the projectors first advanced by `o_steps_before` O steps; with
-    `paired` (the AdamW engine), also AdamW's steps taken in turn with OMoE's (`adamw_step_s`)."""
+    `paired` ([AdamW engine] or [AdamW engine, a second one]), also AdamW's steps taken in turn with OMoE's
+    (`adamw_step_s`), and the second AdamW engine's against the first (`adamw_control_over_adamw`)."""
     from deepspeed.comm.comm import comms_logger
     from omoe_ds.core import collectives
     holder = [build_engine(spec, micro_batch, {"enabled": True, "skip_step": SKIP_STEP, **(omoe_extra or {})})]
@@ -166,8 +178,13 @@ def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_ext
     engine.omoe.freeze_dense_in_o_steps = freeze
     preapply_o_steps(engine.omoe, o_steps_before)
     comms_logger.comms_dict.clear()
-    r_times, o_times, exchange_s, projection_s, adamw_times, r_ratios = time_steps(engine, x, y, steps, micro_batch,
-                                                                                   world, True, paired)
+    r_times, o_times, exchange_s, projection_s, paired_times, r_ratios = time_steps(engine, x, y, steps, micro_batch,
+                                                                                    world, True, paired)
+    adamw_times = paired_times[0] if paired_times else []
+    control = {}
+    if len(paired_times) > 1:  # two AdamW engines built alike: how far apart this machine times identical steps
+        control = {"adamw_control_over_adamw_paired_median":
+                   statistics.median(c / a for c, a in zip(paired_times[1], adamw_times))}
     logged = comms_logger.comms_dict
     bytes_of = lambda name: sum(size * rec[0] for size, rec in logged.get(name, {}).items())  # noqa: E731
     layer_n = [spec.d_model + 1, spec.d_ff + 1]
@@ -176,7 +193,7 @@ def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_ext
         "o_steps_before": o_steps_before, "r_step_s": statistics.median(r_times), "o_step_s": statistics.median(o_times),
         **({"adamw_step_s": statistics.median(adamw_times),
             # each R step over the AdamW step just before it, same batch: steadier than a ratio of medians
-            "r_step_over_adamw_paired_median": statistics.median(r_ratios)} if adamw_times else {}),
+            "r_step_over_adamw_paired_median": statistics.median(r_ratios), **control} if adamw_times else {}),
         "o_steps_timed": len(o_times),
         "o_step_projector_update_and_exchange_s": statistics.median(exchange_s),
         "o_step_grad_projection_s": statistics.median(projection_s),
@@ -213,11 +230,14 @@ def worker(args):
         started = time.perf_counter()
         result = {"shapes": {**shape, "tokens_per_rank": micro_batch * spec.seq_len, "micro_batch_per_rank": micro_batch,
                              "timed_steps": steps - 1}}
-        # AdamW stays alive and steps in turn with each OMoE engine: every ratio compares steps taken seconds apart
-        adamw = [build_engine(spec, micro_batch, {"enabled": False})]
+        # AdamW stays alive and steps in turn with each OMoE engine: every ratio compares steps taken seconds apart.
+        # At the small shape a second AdamW engine steps with them: its ratio to the first is the noise floor
+        # (two engines built alike read up to 3% apart here, more than OMoE's R-step hooks cost at that shape).
+        adamw = [build_engine(spec, micro_batch, {"enabled": False})
+                 for _ in range(2 if shape_name in CONTROL_SHAPES else 1)]
         by_t = {}
         for t in args.o_steps_before:
-            by_t[str(t)] = one = measure_omoe(spec, x, y, steps, micro_batch, world, t, paired=adamw[0])
+            by_t[str(t)] = one = measure_omoe(spec, x, y, steps, micro_batch, world, t, paired=adamw)
             cycle = ((SKIP_STEP - 1) * one["r_step_s"] + one["o_step_s"]) / SKIP_STEP
             one["throughput_ratio_omoe_over_adamw"] = one["adamw_step_s"] / cycle
             one["r_step_over_adamw"] = one["r_step_s"] / one["adamw_step_s"]
@@ -228,10 +248,11 @@ def worker(args):
         result.update({k: v for k, v in longest.items() if k not in ("streams", "adamw_step_s")})
         result["by_o_steps"] = by_t
         if shape_name == "small":  # dense weight gradients computed and discarded in O steps: what freezing saves
-            unfrozen = measure_omoe(spec, x, y, steps, micro_batch, world, 0, freeze=False, paired=adamw[0])
+            unfrozen = measure_omoe(spec, x, y, steps, micro_batch, world, 0, freeze=False, paired=adamw[:1])
             result["o_step_s_without_dense_freeze"] = unfrozen["o_step_s"]
             result["o_step_saved_by_dense_freeze_s"] = unfrozen["o_step_s"] - by_t[str(min(args.o_steps_before))]["o_step_s"]
-        free_engine(adamw)
+        while adamw:
+            free_engine(adamw)
         result["bench_seconds"] = time.perf_counter() - started
         report[shape_name] = result
     if dist.get_rank() == 0:
