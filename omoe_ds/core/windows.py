@@ -3,7 +3,8 @@
 Laid out per *global* expert on every rank, so one all-reduce over the whole world per O step turns
 every rank's partial sums into every expert's totals, whatever the layout adds where: DeepSpeed's
 native layer adds both streams where the expert runs; the fused layouts add x where the tokens are
-routed. Recorders (one per layout, omoe_ds/experts) fill it through the add_* methods; nothing here knows a MoE class or a collective.
+routed. Recorders (one per layout, omoe_ds/experts) fill it through the add_* methods; nothing here
+knows a MoE class or a collective.
 """
 from __future__ import annotations
 
