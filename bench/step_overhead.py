@@ -18,10 +18,10 @@ stays alive and takes its step on the same batch in turn with each OMoE step (wh
 two are compared seconds apart (run one after the other, their medians moved by ±10–20% against each other on
 this shared machine). At the small shape a second AdamW engine takes its turn too, as a control: two engines
 built alike read ~3% apart here (`adamw_control_over_adamw_paired_median`), which bounds what the R-step ratio
-can resolve at that shape. Exchange bytes
-come from DeepSpeed's comms logger (what each rank's collectives sent); the dense figure is what each rank
-would send to all-gather its local experts' dense projectors instead. Each OMoE engine is destroyed before
-the next is built, and DeepSpeed's /dev/shm all-reduce buffers of the launch are removed after it.
+can resolve at that shape. Exchange bytes come from DeepSpeed's comms logger (what each rank's collectives
+sent); the dense figure is what each rank would send to all-gather its local experts' dense projectors instead.
+Each OMoE engine is destroyed before the next is built, and DeepSpeed's /dev/shm all-reduce buffers of the
+launch are removed after it.
 """
 import argparse
 import gc
@@ -170,7 +170,7 @@ def stream_report(engine):
 def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_extra=None, freeze=True, paired=()):
     """OMoE's step times and bytes with the projectors first advanced by `o_steps_before` O steps; with
     `paired` ([AdamW engine] or [AdamW engine, a second one]), also AdamW's steps taken in turn with OMoE's
-    (`adamw_step_s`), and the second AdamW engine's against the first (`adamw_control_over_adamw`)."""
+    (`adamw_step_s`), and the second AdamW engine's against the first (`adamw_control_over_adamw_paired_median`)."""
     from deepspeed.comm.comm import comms_logger
     from omoe_ds.core import collectives
     holder = [build_engine(spec, micro_batch, {"enabled": True, "skip_step": SKIP_STEP, **(omoe_extra or {})})]
@@ -192,7 +192,7 @@ def measure_omoe(spec, x, y, steps, micro_batch, world, o_steps_before, omoe_ext
     result = {
         "o_steps_before": o_steps_before, "r_step_s": statistics.median(r_times), "o_step_s": statistics.median(o_times),
         **({"adamw_step_s": statistics.median(adamw_times),
-            # each R step over the AdamW step just before it, same batch: steadier than a ratio of medians
+            # each R step over the AdamW step on the same batch, taken in turn: steadier than a ratio of medians
             "r_step_over_adamw_paired_median": statistics.median(r_ratios), **control} if adamw_times else {}),
         "o_steps_timed": len(o_times),
         "o_step_projector_update_and_exchange_s": statistics.median(exchange_s),

@@ -5,9 +5,9 @@ The same [G_W | g_b]·P̄ comes two ways (P̄ symmetric, X̃ = [X | 1] where the
 - token side: X̃·P̄ (T·c), then δᵀ(X̃·P̄) *in place of* autograd's product (T·D·n, the same GEMM's size),
 where T = rows the stream's local experts received (native DeepSpeed experts: the filled capacity slots; in O
 steps OMoE runs their Linears on those rows on either side, so the padding costs neither), D = Σ out features
-of one expert's matrices reading the stream (SwiGLU's gate and up share X̃·P̄), c = one row times P̄ (n² dense, 2·n·M·t factored). The choice is
-made at the stream's first forward of each O step, from that micro-batch's T, and kept for the step's other
-micro-batches (either side is exact; a fixed side keeps the step's report simple).
+of one expert's matrices reading the stream (SwiGLU's gate and up share X̃·P̄), c = one row times P̄ (n² dense,
+2·n·M·t factored). The choice is made at the stream's first forward of each O step, from that micro-batch's T,
+and kept for the step's other micro-batches (either side is exact; a fixed side keeps the step's report simple).
 """
 from __future__ import annotations
 

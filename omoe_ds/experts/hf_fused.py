@@ -103,7 +103,6 @@ class _FusedRecorder:
         self.module = layer.module
         self._routes = None  # (top_k_index [T, k], real-token mask [T] or None) of the recording forward
         forward, apply_gate = self.module.forward, self.module._apply_gate
-        self._original = (forward, apply_gate)
 
         def recording_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             if not self.context.should_capture(self.module):
